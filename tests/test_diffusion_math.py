@@ -48,7 +48,8 @@ def test_user_schedule_and_errors():
 def test_space_timesteps():
     assert space_timesteps(1000, 10) == [round(i * 999 / 9) for i in range(10)]
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
-    assert space_timesteps(100, "10,5") == sorted(set(space_timesteps(50, 10) + [50 + t for t in space_timesteps(50, 5)]))
+    two_sections = space_timesteps(50, 10) + [50 + t for t in space_timesteps(50, 5)]
+    assert space_timesteps(100, "10,5") == sorted(set(two_sections))
     assert len(space_timesteps(4000, 25)) == 25
     with pytest.raises(ValueError):
         space_timesteps(10, 11)

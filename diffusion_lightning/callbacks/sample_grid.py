@@ -1,0 +1,58 @@
+"""A grid of samples from fixed noise, so grids are comparable across epochs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+from .ema import ema_module
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_epochs`` epochs (and at the end of training) sample ``num_samples`` images
+    with the EMA weights from the same initial noise, write ``<dirpath>/epoch_XXXX.png`` and log
+    the grid to TensorBoard. ``final_sampler`` overrides the sampler settings for the last grid."""
+
+    def __init__(
+        self,
+        dirpath: str = "grids",
+        every_n_epochs: int = 1,
+        num_samples: int = 64,
+        seed: int = 0,
+        sampler: dict[str, Any] | None = None,
+        final_sampler: dict[str, Any] | None = None,
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs, self.num_samples, self.seed = every_n_epochs, num_samples, seed
+        self.sampler = dict(sampler or {})
+        self.final_sampler = dict(final_sampler or self.sampler)
+        self.last_path: Path | None = None
+
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, sampler: dict[str, Any]) -> None:
+        module = ema_module(trainer, pl_module)
+        g = torch.Generator().manual_seed(self.seed)
+        x_T = torch.randn(self.num_samples, *module.image_shape, generator=g)
+        y = torch.arange(self.num_samples) % module.net.num_classes if module.net.num_classes else None
+        images = module.sample(x_T=x_T, y=y, generator=g, **sampler).float().cpu()
+        images = (images + 1) / 2
+        nrow = max(1, int(self.num_samples**0.5))
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self.last_path = self.dirpath / f"{name}.png"
+        save_image(images, self.last_path, nrow=nrow)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("samples", make_grid(images, nrow=nrow), global_step=trainer.global_step)
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._draw(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}", self.sampler)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._draw(trainer, pl_module, "final", self.final_sampler)
