@@ -39,6 +39,11 @@ class EMA(WeightAveraging):
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Keep the raw weights in the module (Lightning's default copies the average over them,
+        and a ``last.ckpt`` written after that would resume from the EMA instead of the raw
+        weights); the EMA stays available through :meth:`averaged_module` and checkpoints."""
+
     def averaged_module(self) -> L.LightningModule | None:
         """The LightningModule holding the EMA weights (None before fit has set it up)."""
         return None if self._average_model is None else self._average_model.module

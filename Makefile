@@ -1,0 +1,50 @@
+# diffusion-lightning: `make train` and `make test` set everything up on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXP ?= ddpm_fmnist
+ARGS ?=
+CKPT ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# torch/torchvision pinned for this environment (they install from local disk here); the package
+# itself accepts a range of versions.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install train sample test bench lint fmnist-data clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	@$(MAKE) --no-print-directory fmnist-data
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# The embedded default data set: Debian's package holds the real Fashion-MNIST (IDX files).
+fmnist-data:
+	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -d data/FashionMNIST/raw ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "warning: could not install dataset-fashion-mnist; training will try torchvision's download"; \
+	else echo "note: no apt-get; Fashion-MNIST will be downloaded by torchvision into data/"; fi
+
+train: install
+	$(PY) -m diffusion_lightning.train experiment=$(EXP) $(ARGS)
+
+sample: install
+	@test -n "$(CKPT)" || (echo "usage: make sample CKPT=outputs/train/<run>/<time>/checkpoints/last.ckpt [ARGS='steps=100']"; exit 2)
+	$(PY) -m diffusion_lightning.sample ckpt=$(CKPT) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) -m diffusion_lightning.bench $(ARGS)
+
+lint: install
+	$(PY) -m ruff check diffusion_lightning tests
+
+clean:
+	rm -rf outputs multirun .pytest_cache

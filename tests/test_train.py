@@ -1,0 +1,188 @@
+"""End-to-end training through the Hydra configs: experiments, resume, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import QUIET, ROOT, TINY_NET, folder_data
+from hydra.errors import ConfigCompositionException, InstantiationException
+from omegaconf import open_dict
+
+from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
+from diffusion_lightning.errors import CheckpointError
+from diffusion_lightning.train import train
+
+
+def _fit_overrides(folder: Path, **trainer: object) -> list[str]:
+    return (
+        folder_data(folder)
+        + TINY_NET
+        + QUIET
+        + [f"trainer.{k}={v}" for k, v in trainer.items()]
+        + [
+            "trainer.val_check_interval=null",
+            "trainer.limit_val_batches=1",
+            "callbacks.sample_grid.num_samples=4",
+            "callbacks.sample_grid.sampler.steps=2",
+            "callbacks.sample_grid.final_sampler.steps=2",
+            "callbacks.ema.decay=0.9",
+            "model.num_timesteps=50",
+            "model.warmup_steps=2",
+            "logger=csv",
+        ]
+    )
+
+
+def test_ddpm_fmnist_experiment_trains(compose_train):
+    cfg = compose_train(
+        ["experiment=ddpm_fmnist", "trainer.max_steps=3", "data.batch_size=8", "data.num_workers=0",
+         "trainer.val_check_interval=null", "trainer.limit_val_batches=1", "callbacks.sample_grid.num_samples=4",
+         "callbacks.sample_grid.sampler.steps=2", "callbacks.sample_grid.final_sampler.steps=2", *QUIET]
+    )
+    out = train(cfg)
+    trainer = out["trainer"]
+    assert trainer.global_step == 3
+    run = Path(cfg.paths.output_dir)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "grids" / "final.png").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")  # weights_only=True
+    assert ckpt["run_config"]["model"]["net"]["in_channels"] == 1
+    assert {"state_dict", "current_model_state", "averaging_state"} <= set(ckpt)
+
+
+def test_ddpm_cifar_experiment_trains_paper_model(compose_train, tmp_path):
+    """The paper's 35.7M network on a tiny CIFAR-10 fixture written in CIFAR's own format."""
+    from test_data import write_cifar
+
+    write_cifar(tmp_path / "data")
+    cfg = compose_train(
+        ["experiment=ddpm_cifar", f"paths.data_dir={tmp_path / 'data'}", "trainer.max_steps=1", "data.batch_size=2",
+         "data.num_workers=0", "trainer.limit_val_batches=0", "callbacks.sample_grid=null", *QUIET]
+    )
+    assert cfg.model.lr == 2e-4 and cfg.model.warmup_steps == 5000 and cfg.data.batch_size == 2
+    assert cfg.callbacks.ema.decay == 0.9999 and cfg.trainer.gradient_clip_val == 1.0 and cfg.data.random_flip
+    out = train(cfg)
+    n_params = sum(p.numel() for p in out["model"].net.parameters())
+    assert round(n_params / 1e6, 1) == 35.7
+    assert out["trainer"].global_step == 1
+
+
+def test_resume_continues_exactly(compose_train, image_folder, tmp_path):
+    """Two epochs in one go == one epoch, then resume from last.ckpt for the second."""
+    base = _fit_overrides(image_folder, max_epochs=2, max_steps=-1)
+    full = train(compose_train(base))
+    steps_per_epoch = full["trainer"].global_step // 2
+
+    first_cfg = compose_train(_fit_overrides(image_folder, max_epochs=1, max_steps=-1))
+    with open_dict(first_cfg):
+        first_cfg.paths.output_dir = str(tmp_path / "first")
+    train(first_cfg)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed_cfg = compose_train(base + [f"ckpt_path={last}"])
+    with open_dict(resumed_cfg):
+        resumed_cfg.paths.output_dir = str(tmp_path / "resumed")
+    resumed = train(resumed_cfg)
+
+    assert resumed["trainer"].global_step == full["trainer"].global_step == 2 * steps_per_epoch
+    a = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for key in ("state_dict", "current_model_state", "averaging_state"):  # EMA, raw weights, EMA count
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in opt_a:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt_b[i][k], opt_a[i][k], rtol=0, atol=0)
+    assert a["callbacks"] == b["callbacks"] or a["global_step"] == b["global_step"]
+
+
+def test_sample_entry_from_checkpoint(compose_train, image_folder, tmp_path):
+    from diffusion_lightning.sample import sample_from_config
+
+    train(compose_train(_fit_overrides(image_folder, max_steps=2)))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_train(
+        [f"ckpt={ckpt}", "sampler=ddpm", "steps=5", "num_samples=6", "batch_size=4", "save_npz=true",
+         f"out={tmp_path / 'grid.png'}"],
+        config_name="sample",
+    )
+    out = sample_from_config(cfg)
+    assert out.is_file()
+    import numpy as np
+
+    samples = np.load(out.with_suffix(".npz"))["samples"]
+    assert samples.shape == (6, 8, 8, 1) and samples.dtype == np.uint8
+    ema = model_from_checkpoint(ckpt, ema=True)
+    raw = model_from_checkpoint(ckpt, ema=False)
+    assert any(not torch.equal(p, q) for p, q in zip(ema.parameters(), raw.parameters(), strict=True))
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(compose_train, image_folder, tmp_path):
+    class PoisonAtStep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    next(pl_module.net.parameters()).fill_(float("nan"))
+
+    every_step = ["callbacks.model_checkpoint.every_n_train_steps=1"]
+    cfg = compose_train(_fit_overrides(image_folder, max_steps=10) + every_step)
+    with open_dict(cfg):
+        cfg.callbacks.poison = {"_target_": f"{__name__}.PoisonAtStep"}
+    globals()["PoisonAtStep"] = PoisonAtStep
+    with pytest.raises(FloatingPointError, match="global step 3"):
+        train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["current_model_state"].values())
+
+
+def test_bad_config_errors(compose_train, image_folder):
+    with pytest.raises(ConfigCompositionException, match="not_a_key"):
+        compose_train(["trainer.not_a_key=1"])
+    with pytest.raises(ConfigCompositionException, match="no_such_experiment"):
+        compose_train(["experiment=no_such_experiment"])
+    cfg = compose_train(folder_data(image_folder) + TINY_NET + QUIET + ["data.image_size=9"])
+    with pytest.raises(InstantiationException, match="divisible"):
+        train(cfg)
+
+
+def test_checkpoint_errors(compose_train, image_folder, tmp_path):
+    train(compose_train(_fit_overrides(image_folder, max_steps=1)))
+    good = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    # another architecture
+    wider = ["model.net.model_channels=12", f"ckpt_path={good}"]
+    other = compose_train(_fit_overrides(image_folder, max_steps=2) + wider)
+    with pytest.raises(CheckpointError, match="different model"):
+        train(other)
+    # corrupt file
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(bad)
+    # a foreign pickle that would run code is refused by weights_only loading
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "payload": Path("x")}, foreign)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(foreign)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(1)}, plain)
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        load_checkpoint(plain)
+
+
+def test_cli_missing_cifar_is_a_clear_error(tmp_path):
+    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "DL_ROOT_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffusion_lightning.train", "experiment=ddpm_cifar"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert str(tmp_path / "data") in proc.stderr and "cifar-10" in proc.stderr.lower()
