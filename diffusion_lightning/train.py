@@ -51,7 +51,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(_flat(model.run_config))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except FloatingPointError as e:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        raise FloatingPointError(f"{e} Last good checkpoint: {last} (resume with ckpt_path=...)") from None
     return {"trainer": trainer, "model": model, "datamodule": datamodule}
 
 

@@ -1,0 +1,142 @@
+"""Benchmarks: ``python -m diffusion_lightning.bench [--out FILE] [--steps N] [--batch B]``.
+
+Measures, in one run on the same model, batch and loss:
+- training throughput (images/s) of the ``DDPM`` LightningModule under ``Trainer.fit`` and of a plain
+  PyTorch loop doing the same work (forward, L_simple, backward, grad clip, AdamW, EMA update), and
+  their ratio (the Lightning overhead);
+- DDIM-50 sampling throughput (images/s) with the same network.
+Results go to a JSON file (default ``outputs/bench/bench.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .callbacks import EMA
+from .callbacks.ema import ema_decay
+from .models import DDPM
+from .nets import UNet
+
+# The default experiment's network (conf/experiment/ddpm_fmnist.yaml).
+NET = dict(image_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+           attention_resolutions=(), dropout=0.0)
+
+
+def _model() -> DDPM:
+    torch.manual_seed(0)
+    return DDPM(UNet(**NET), lr=1e-3, warmup_steps=100)
+
+
+def _data(batch: int, steps: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.rand(batch * steps, 1, 32, 32, generator=g) * 2 - 1, torch.zeros(batch * steps).long())
+
+
+class _Timer(L.Callback):
+    """Wall time of the training batches after ``warmup`` batches."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.end = time.perf_counter()
+
+
+def lightning_throughput(batch: int, steps: int, warmup: int) -> float:
+    model = _model()
+    timer = _Timer(warmup)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps + warmup, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[EMA(decay=0.999), timer],
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    loader = DataLoader(_data(batch, steps + warmup), batch_size=batch, shuffle=True)
+    trainer.fit(model, train_dataloaders=loader)
+    return batch * steps / (timer.end - timer.start)
+
+
+def plain_throughput(batch: int, steps: int, warmup: int) -> float:
+    model = _model()
+    opt = model.configure_optimizers()
+    optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+    ema = [p.detach().clone() for p in model.parameters()]
+    loader = DataLoader(_data(batch, steps + warmup), batch_size=batch, shuffle=True)
+    model.train()
+    start = 0.0
+    for i, (x0, y) in enumerate(loader):
+        if i == warmup:
+            start = time.perf_counter()
+        losses, _ = model.loss_terms(x0, y)
+        optimizer.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - ema_decay(0.999, i, True))
+    return batch * steps / (time.perf_counter() - start)
+
+
+def sampling_throughput(num_samples: int, steps: int = 50) -> float:
+    model = _model().eval()
+    g = torch.Generator().manual_seed(0)
+    model.sample(2, generator=g, name="ddim", steps=2)  # warm-up
+    start = time.perf_counter()
+    model.sample(num_samples, generator=g, name="ddim", steps=steps)
+    return num_samples / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/bench/bench.json")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating Lightning/plain measurements")
+    parser.add_argument("--sample-batch", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    lightning_runs, plain_runs = [], []
+    for _ in range(args.repeats):  # alternate so drifts in machine load hit both alike
+        plain_runs.append(plain_throughput(args.batch, args.steps, args.warmup))
+        lightning_runs.append(lightning_throughput(args.batch, args.steps, args.warmup))
+    lightning_ips, plain_ips = max(lightning_runs), max(plain_runs)
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
+                 "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+        "model": {"net": NET, "params": sum(p.numel() for p in _model().parameters())},
+        "train": {
+            "batch": args.batch, "timed_steps": args.steps,
+            "lightning_images_per_s": round(lightning_ips, 2), "plain_images_per_s": round(plain_ips, 2),
+            "lightning_over_plain": round(lightning_ips / plain_ips, 4),
+            "overhead_percent": round(100 * (plain_ips / lightning_ips - 1), 2),
+            "runs": {"lightning": [round(v, 2) for v in lightning_runs], "plain": [round(v, 2) for v in plain_runs]},
+        },
+        "sample": {"sampler": "ddim", "steps": 50, "batch": args.sample_batch,
+                   "images_per_s": round(sampling_throughput(args.sample_batch), 2)},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
