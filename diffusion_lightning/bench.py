@@ -80,7 +80,7 @@ def plain_throughput(batch: int, steps: int, warmup: int) -> float:
     for i, (x0, y) in enumerate(loader):
         if i == warmup:
             start = time.perf_counter()
-        losses, _ = model.loss_terms(x0, y)
+        losses = model.loss_terms(x0, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

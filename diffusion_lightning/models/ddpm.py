@@ -82,33 +82,44 @@ class DDPM(L.LightningModule):
         return denoise
 
     # ------------------------------------------------------------------ training
-    def loss_terms(self, x0: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Per-sample losses and their timesteps for a batch of clean images."""
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Training timesteps t ~ U{0..T-1} and optional per-sample loss weights (None: all 1)."""
+        return torch.randint(0, self.diffusion.num_timesteps, (batch_size,), device=device), None
+
+    def loss_terms(self, x0: Tensor, y: Tensor | None) -> dict[str, Tensor]:
+        """Per-sample losses for a batch of clean images: ``loss`` (what is minimised, before any
+        ``weights``), ``t`` and, where the recipe has them, ``weights`` and extra diagnostics."""
+        t, weights = self.sample_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x_t = self.diffusion.q_sample(x0, t, noise)
         out = self(x_t, t, y)
         target = self.diffusion.training_target(x0, noise, t, self.prediction_type)
-        return l_simple(out.float(), target), t
+        terms = {"loss": l_simple(out.float(), target), "t": t}
+        return terms if weights is None else {**terms, "weights": weights}
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         x0, y = batch
-        losses, t = self.loss_terms(x0, y)
-        loss = losses.mean()
-        if not torch.isfinite(loss):
+        terms = self.loss_terms(x0, y)
+        weighted = terms["loss"] * terms["weights"] if "weights" in terms else terms["loss"]
+        loss = weighted.mean()
+        train = stage == "train"
+        if train and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at global step {self.global_step}; "
                 "lower model.lr, raise warm-up or check the data. Checkpoints already written are kept."
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
-        self._log_quarters("train", losses, t)
-        return loss
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(x0), sync_dist=not train)
+        for name, value in terms.items():
+            if name not in ("loss", "t", "weights"):
+                self.log(f"{stage}/{name}", value.mean(), batch_size=len(x0), sync_dist=not train)
+        self._log_quarters(stage, terms["loss"].detach(), terms["t"])
+        return loss, terms
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")[0]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x0, y = batch
-        losses, t = self.loss_terms(x0, y)
-        self.log("val/loss", losses.mean(), prog_bar=True, batch_size=len(x0), sync_dist=True)
-        self._log_quarters("val", losses, t)
+        self._shared_step(batch, "val")
 
     def _log_quarters(self, stage: str, losses: Tensor, t: Tensor) -> None:
         """The loss per quarter of the timestep range (q0: t < T/4, ..., q3: t >= 3T/4)."""
