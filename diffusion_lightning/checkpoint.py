@@ -70,4 +70,5 @@ def model_from_checkpoint(path: str | Path, ema: bool = True) -> nn.Module:
     check_compatible({**checkpoint, "state_dict": state}, model, path)
     model.load_state_dict(state)
     model.run_config = config
+    model.checkpoint_meta = {"path": str(path), "global_step": checkpoint.get("global_step"), "ema": ema}
     return model.eval()

@@ -12,6 +12,7 @@ from rich.progress import track
 from torchvision.utils import save_image
 
 from .checkpoint import model_from_checkpoint
+from .metrics.quantize import to_uint8
 from .train import run_or_exit
 
 
@@ -19,11 +20,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats to uint8 exactly as a saved PNG holds them: floor(255 x + 0.5) on [0, 1]."""
-    return ((images.clamp(-1, 1) + 1) / 2 * 255 + 0.5).floor().clamp(0, 255).to(torch.uint8)
 
 
 def generate(model: torch.nn.Module, num_samples: int, batch_size: int, seed: int, **sampler: object) -> torch.Tensor:

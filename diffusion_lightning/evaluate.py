@@ -1,0 +1,186 @@
+"""Evaluation entry: ``python -m diffusion_lightning.evaluate ckpt=PATH metric=fid|nll [...]``.
+
+Every evaluation appends one JSON line (checkpoint, EMA flag, sampler, steps/NFE, seed, sample
+count, reference, every metric, wall time) to ``results`` (see conf/evaluate.yaml); ``-m`` sweeps
+over checkpoints, samplers and step counts, locally or through the SLURM launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import track
+from torch.utils.data import DataLoader, Subset
+
+from .checkpoint import model_from_checkpoint
+from .diffusion.schedules import space_timesteps
+from .diffusion.vlb import calc_bpd_loop, calc_bpd_stratified
+from .errors import UserError
+from .metrics import (
+    LogitsUnavailableError,
+    feature_statistics,
+    frechet_distance,
+    get_extractor,
+    inception_score,
+    kernel_inception_distance,
+    load_or_compute_reference_stats,
+    to_uint8,
+)
+from .sample import generate, resolve_device
+from .train import run_or_exit
+
+
+def datamodule_for(cfg: DictConfig, model: torch.nn.Module) -> Any:
+    """The data the checkpoint was trained on (root from this run's ``paths``), or ``cfg.data``."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else dict(model.run_config["data"])
+    data_cfg["root"] = data_cfg.get("root") if cfg.data else cfg.paths.data_dir
+    data_cfg["num_workers"] = 0
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def nfe(sampler: str, steps: int | str, num_timesteps: int) -> int:
+    """Network evaluations per sample for a sampler and step setting."""
+    n = num_timesteps if steps is None else len(space_timesteps(num_timesteps, steps))
+    return 2 * n - 1 if sampler == "heun" else n
+
+
+def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """The variational bound in bits/dim (iDDPM eq. 4-7, prior L_T included) on the test split."""
+    data = datamodule_for(cfg, model).dataset(cfg.nll.split)
+    if cfg.nll.num_images is not None:
+        data = Subset(data, range(min(int(cfg.nll.num_images), len(data))))
+    loader = DataLoader(data, batch_size=cfg.nll.batch_size, shuffle=False)
+    g = torch.Generator().manual_seed(cfg.seed) if device.type == "cpu" else None
+    torch.manual_seed(cfg.seed)
+    totals, priors = [], []
+    terms_sum = torch.zeros(model.diffusion.num_timesteps, dtype=torch.float64)
+    for x0, y in track(loader, description=f"NLL on {len(data)} {cfg.nll.split} images"):
+        x0 = x0.to(device)
+        denoiser = model.denoiser(y.to(device) if model.net.num_classes else None)
+        if cfg.nll.num_strata:
+            out = calc_bpd_stratified(
+                denoiser, model.diffusion, x0, model.variance_type, cfg.nll.num_strata, generator=g
+            )
+        else:
+            out = calc_bpd_loop(denoiser, model.diffusion, x0, model.variance_type, generator=g)
+            terms_sum += out["vb"].double().sum(0).cpu()
+            priors.append(out["prior_bpd"].cpu())
+        totals.append(out["total_bpd"].double().cpu())
+    total = torch.cat(totals)
+    result: dict[str, Any] = {
+        "bpd": total.mean().item(),
+        "bpd_stderr": (total.std() / math.sqrt(len(total))).item() if len(total) > 1 else None,
+        "num_images": len(total),
+        "split": cfg.nll.split,
+        "estimator": f"stratified-{cfg.nll.num_strata}" if cfg.nll.num_strata else "full",
+    }
+    if not cfg.nll.num_strata:
+        terms = (terms_sum / len(total)).tolist()
+        result |= {"prior_bpd": torch.cat(priors).double().mean().item(), "decoder_bpd": terms[0]}
+        breakdown = Path(cfg.paths.output_dir) / "nll_terms.json"
+        breakdown.parent.mkdir(parents=True, exist_ok=True)
+        breakdown.write_text(json.dumps({"per_step_bpd": terms, "prior_bpd": result["prior_bpd"]}) + "\n")
+        result["terms_file"] = str(breakdown)
+    return result
+
+
+def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """FID/KID (and IS where the extractor has logits) of generated samples against real data."""
+    extractor = get_extractor(cfg.extractor, device=device, **cfg.extractor_kwargs)
+    datamodule = datamodule_for(cfg, model)
+    ref = load_or_compute_reference_stats(
+        datamodule.dataset(cfg.reference_split),
+        extractor,
+        dataset=type(datamodule).__name__.removesuffix("DataModule"),
+        split=cfg.reference_split, resolution=model.net.image_size, num_images=cfg.reference_images,
+        keep_features=True, progress=True,
+    )
+    images = generate(
+        model, cfg.num_samples, cfg.batch_size, cfg.seed, name=cfg.sampler, steps=cfg.steps, **cfg.sampler_kwargs
+    )
+    uint8 = to_uint8(images)
+    if cfg.save_npz:
+        npz = Path(cfg.paths.output_dir) / "samples.npz"
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(npz, samples=uint8.permute(0, 2, 3, 1).numpy())
+    feats, logits = [], []
+    for start in range(0, len(uint8), cfg.batch_size):
+        out = extractor(uint8[start : start + cfg.batch_size].to(device))
+        feats.append(out["features"].cpu())
+        if out["logits"] is not None:
+            logits.append(out["logits"].cpu())
+    features = torch.cat(feats)
+    mu, sigma = feature_statistics(features)
+    result: dict[str, Any] = {
+        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
+        "reference": {"split": cfg.reference_split, "num_images": ref.num_images, "extractor": cfg.extractor},
+    }
+    subset = min(cfg.kid_subset_size, len(features), ref.num_images)
+    kid_mean, kid_std = kernel_inception_distance(
+        features, ref.features, subset_size=subset, generator=torch.Generator().manual_seed(cfg.seed)
+    )
+    result |= {"kid": kid_mean, "kid_std": kid_std}
+    try:
+        is_mean, is_std = inception_score(torch.cat(logits) if logits else None, splits=min(10, len(features)))
+        result |= {"is": is_mean, "is_std": is_std}
+    except LogitsUnavailableError as e:
+        result |= {"is": None, "is_unavailable": str(e)}
+    return result
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.metric not in ("fid", "nll"):
+        raise UserError(f"unknown metric {cfg.metric!r}: use metric=fid or metric=nll")
+    device = resolve_device(cfg.device)
+    model = model_from_checkpoint(cfg.ckpt, ema=cfg.ema).to(device)
+    start = time.perf_counter()
+    metrics = evaluate_fid(cfg, model, device) if cfg.metric == "fid" else evaluate_nll(cfg, model, device)
+    record: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ckpt": str(cfg.ckpt),
+        "experiment": model.run_config.get("run_name"),
+        "global_step": model.checkpoint_meta["global_step"],
+        "ema": bool(cfg.ema),
+        "metric": cfg.metric,
+        "seed": cfg.seed,
+        "device": str(device),
+    }
+    if cfg.metric == "fid":
+        record |= {
+            "sampler": cfg.sampler,
+            "steps": cfg.steps,
+            "nfe": nfe(cfg.sampler, cfg.steps, model.diffusion.num_timesteps),
+            "sampler_kwargs": OmegaConf.to_container(cfg.sampler_kwargs), "guidance": cfg.guidance,
+            "num_samples": cfg.num_samples,
+        }
+    record |= metrics
+    record["wall_s"] = round(time.perf_counter() - start, 2)
+    results = Path(cfg.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record, indent=2))
+    print(f"appended to {results}")
+    return record
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_or_exit(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()
