@@ -62,7 +62,9 @@ def _denoise(
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """Noise drawn on the generator's device (a CPU generator can drive a GPU sampler)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
 @torch.no_grad()
@@ -122,9 +124,14 @@ def ddim_sample(
     return x
 
 
+from .solvers import dpmpp_2m_sample, heun_sample  # noqa: E402  (solvers.py uses the helpers above)
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
+    "dpmpp": dpmpp_2m_sample,
+    "dpmpp_2m": dpmpp_2m_sample,
+    "heun": heun_sample,
 }
 
 
