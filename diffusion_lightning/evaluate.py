@@ -108,9 +108,13 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
         split=cfg.reference_split, resolution=model.net.image_size, num_images=cfg.reference_images,
         keep_features=True, progress=True,
     )
-    images = generate(
-        model, cfg.num_samples, cfg.batch_size, cfg.seed, name=cfg.sampler, steps=cfg.steps, **cfg.sampler_kwargs
-    )
+    if cfg.images == "samples":
+        images = generate(
+            model, cfg.num_samples, cfg.batch_size, cfg.seed, name=cfg.sampler, steps=cfg.steps, **cfg.sampler_kwargs
+        )
+    else:  # real images of a split: the baseline row of a table
+        real = datamodule.dataset(cfg.images)
+        images = torch.stack([real[i][0] for i in range(min(cfg.num_samples, len(real)))])
     uint8 = to_uint8(images)
     if cfg.save_npz:
         npz = Path(cfg.paths.output_dir) / "samples.npz"
@@ -158,7 +162,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "device": str(device),
     }
-    if cfg.metric == "fid":
+    if cfg.metric == "fid" and cfg.images != "samples":
+        record |= {"sampler": f"real-{cfg.images}", "steps": None, "nfe": None, "num_samples": cfg.num_samples}
+    elif cfg.metric == "fid":
         record |= {
             "sampler": cfg.sampler,
             "steps": cfg.steps,
