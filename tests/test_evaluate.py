@@ -141,11 +141,11 @@ def test_hydra_sweep_writes_one_line_per_job(checkpoint, tmp_path):
     args = [
         "-m", f"ckpt={checkpoint}", "metric=fid", "extractor=fmnist-classifier", "sampler=ddim,dpmpp", "steps=2,3",
         "num_samples=16", "batch_size=16", "reference_images=32", "kid_subset_size=16", f"results={results}",
-        f"paths.log_dir={tmp_path / 'outputs'}",
+        f"paths.data_dir={ROOT / 'data'}",
     ]  # fmt: skip
-    proc = subprocess.run(
+    proc = subprocess.run(  # run from tmp_path: the sweep folder is resolved from the working directory
         [sys.executable, "-m", "diffusion_lightning.evaluate", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = load_results(results)
