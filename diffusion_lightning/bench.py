@@ -102,6 +102,29 @@ def sampling_throughput(num_samples: int, steps: int = 50) -> float:
     return num_samples / (time.perf_counter() - start)
 
 
+def nll_throughput(num_images: int, num_strata: int = 20) -> dict[str, Any]:
+    """Images/s of the bound (bits/dim) for the default network with the full T-term loop and the stratified
+    estimate, and the projected time for a 10k-image test set."""
+    from .diffusion.vlb import calc_bpd_loop, calc_bpd_stratified
+
+    model = _model().eval()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(num_images, 1, 32, 32, generator=g) * 2 - 1
+    denoiser, T = model.denoiser(), model.diffusion.num_timesteps
+    start = time.perf_counter()
+    calc_bpd_stratified(denoiser, model.diffusion, x0, model.variance_type, num_strata, generator=g)
+    strat_ips = num_images / (time.perf_counter() - start)
+    small = model.diffusion.respace(range(0, T, T // 50))  # time 50 of the T steps, scale to T
+    start = time.perf_counter()
+    calc_bpd_loop(denoiser, small, x0, model.variance_type, generator=g)
+    full_ips = num_images / ((time.perf_counter() - start) * T / small.num_timesteps)
+    return {
+        "num_images": num_images, "num_timesteps": T, "num_strata": num_strata,
+        "stratified_images_per_s": round(strat_ips, 3), "full_images_per_s": round(full_ips, 4),
+        "test_10k_stratified_s": round(1e4 / strat_ips), "test_10k_full_s": round(1e4 / full_ips),
+    }
+
+
 def feature_throughput(name: str, batch: int, repeats: int) -> dict[str, Any]:
     """Images/s of extractor ``name`` on random 1x32x32 uint8 batches (best of ``repeats``), or why it was skipped."""
     from .metrics import get_extractor
@@ -131,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--inception-batch", type=int, default=32, help="images for the Inception throughput")
     parser.add_argument("--classifier-batch", type=int, default=256, help="images for the fmnist-classifier throughput")
+    parser.add_argument("--nll-images", type=int, default=64, help="images for the NLL (bits/dim) throughput")
     args = parser.parse_args(argv)
 
     lightning_runs, plain_runs = [], []
@@ -152,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "sample": {"sampler": "ddim", "steps": 50, "batch": args.sample_batch,
                    "images_per_s": round(sampling_throughput(args.sample_batch), 2)},
+        "nll": nll_throughput(args.nll_images),
         "features": {
             "fmnist-classifier": feature_throughput("fmnist-classifier", args.classifier_batch, repeats=5),
             "inception": feature_throughput("inception", args.inception_batch, repeats=1),
