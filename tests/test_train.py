@@ -42,6 +42,7 @@ def _fit_overrides(folder: Path, **trainer: object) -> list[str]:
 def test_ddpm_fmnist_experiment_trains(compose_train):
     cfg = compose_train(
         ["experiment=ddpm_fmnist", "trainer.max_steps=3", "data.batch_size=8", "data.num_workers=0",
+         "callbacks.model_checkpoint.every_n_train_steps=2",
          "trainer.val_check_interval=null", "trainer.limit_val_batches=1", "callbacks.sample_grid.num_samples=4",
          "callbacks.sample_grid.sampler.steps=2", "callbacks.sample_grid.final_sampler.steps=2", *QUIET]
     )
@@ -53,6 +54,8 @@ def test_ddpm_fmnist_experiment_trains(compose_train):
     assert (run / "grids" / "final.png").is_file()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")  # weights_only=True
+    assert ckpt["global_step"] == 3  # the final step, not the last periodic save (step 2)
+    assert load_checkpoint(run / "checkpoints" / "step_00000002.ckpt")["global_step"] == 2
     assert ckpt["run_config"]["model"]["net"]["in_channels"] == 1
     assert {"state_dict", "current_model_state", "averaging_state"} <= set(ckpt)
 
