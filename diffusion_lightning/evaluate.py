@@ -36,6 +36,7 @@ from .metrics import (
     load_or_compute_reference_stats,
     to_uint8,
 )
+from .metrics.reference import dataset_key
 from .sample import generate, resolve_device
 from .train import run_or_exit
 
@@ -104,7 +105,7 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     ref = load_or_compute_reference_stats(
         datamodule.dataset(cfg.reference_split),
         extractor,
-        dataset=type(datamodule).__name__.removesuffix("DataModule"),
+        dataset=dataset_key(datamodule),
         split=cfg.reference_split, resolution=model.net.image_size, num_images=cfg.reference_images,
         keep_features=True, progress=True,
     )

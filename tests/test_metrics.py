@@ -229,3 +229,13 @@ def test_reference_stats_cached(tmp_path):
     torch.testing.assert_close(again.sigma, stats.sigma)
     with pytest.raises(ValueError, match="expected 28x28"):
         compute_reference_stats(data, ext, resolution=28)
+
+
+def test_reference_cache_key_separates_image_folders(tmp_path):
+    from diffusion_lightning.data import FashionMNISTDataModule, ImageFolderDataModule
+    from diffusion_lightning.metrics.reference import dataset_key
+
+    a = dataset_key(ImageFolderDataModule(root=str(tmp_path / "a"), image_size=8))
+    b = dataset_key(ImageFolderDataModule(root=str(tmp_path / "b"), image_size=8))
+    assert a != b and a.startswith("ImageFolder-")
+    assert dataset_key(FashionMNISTDataModule()) == "FashionMNIST"

@@ -48,6 +48,7 @@ from diffusion_lightning.metrics import (
     load_or_compute_reference_stats,
     to_uint8,
 )
+from diffusion_lightning.metrics.reference import dataset_key
 
 from .ema import ema_module
 
@@ -189,7 +190,7 @@ def reference_stats(
 ) -> ReferenceStats:
     """The cached reference of ``evaluate.py`` for this data module (same cache key), with features for KID."""
     return load_or_compute_reference_stats(
-        datamodule.dataset(split), extractor, dataset=type(datamodule).__name__.removesuffix("DataModule"),
+        datamodule.dataset(split), extractor, dataset=dataset_key(datamodule),
         split=split, resolution=resolution, num_images=num_images, cache_dir=cache_dir, keep_features=True,
         progress=True,
     )  # fmt: skip

@@ -8,6 +8,7 @@ feature extraction. The cache is a ``.pt`` of tensors only (loaded with ``weight
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,16 @@ class ReferenceStats:
 def default_reference_dir() -> Path:
     env = os.environ.get(REFERENCE_DIR_ENV_VAR)
     return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "reference_stats"
+
+
+def dataset_key(datamodule: object) -> str:
+    """The cache name of a DataModule's data: its class name without ``DataModule`` and, for data that lives in
+    a user's folder (``ImageFolder``), a short hash of the folders, so two image folders never share a cache file."""
+    name = type(datamodule).__name__.removesuffix("DataModule")
+    folders = getattr(datamodule, "train_dir", None), getattr(datamodule, "test_dir", None)
+    if any(folders):
+        name += "-" + hashlib.sha1(repr(tuple(map(str, folders))).encode()).hexdigest()[:10]
+    return name
 
 
 def reference_cache_path(
