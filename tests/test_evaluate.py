@@ -20,9 +20,9 @@ from omegaconf import open_dict
 from PIL import Image
 
 from diffusion_lightning import evaluate as evaluate_mod
-from diffusion_lightning.callbacks import SampleQuality
 from diffusion_lightning.metrics import (
     ReferenceStats,
+    SampleQuality,
     feature_statistics,
     frechet_distance,
     get_extractor,

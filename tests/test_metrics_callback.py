@@ -21,10 +21,11 @@ from conftest import QUIET, ROOT, TINY_NET
 from PIL import Image
 from torchvision.utils import save_image
 
-from diffusion_lightning.callbacks import SampleMetrics, SampleQuality, ema_module
+from diffusion_lightning.callbacks import SampleMetrics, ema_module
 from diffusion_lightning.callbacks.metrics import rank_share, sample_uint8
 from diffusion_lightning.metrics import (
     ReferenceStats,
+    SampleQuality,
     compute_reference_stats,
     feature_statistics,
     frechet_distance,

@@ -2,7 +2,7 @@
 
 from .checkpoint import ModelCheckpoint
 from .ema import EMA, ema_module
-from .metrics import ExtractorFeatures, SampleMetrics, SampleQuality
+from .metrics import SampleMetrics
 from .sample_grid import SampleGrid
 
-__all__ = ["EMA", "ExtractorFeatures", "ModelCheckpoint", "SampleGrid", "SampleMetrics", "SampleQuality", "ema_module"]
+__all__ = ["EMA", "ModelCheckpoint", "SampleGrid", "SampleMetrics", "ema_module"]

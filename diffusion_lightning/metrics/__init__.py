@@ -1,5 +1,6 @@
 """Sample-quality metrics (FID, KID, IS) on pluggable feature extractors; pure torch, no Lightning."""
 
+from .engine import ExtractorFeatures, SampleQuality
 from .features import (
     EXTRACTORS,
     FashionMNISTClassifierExtractor,
@@ -23,11 +24,13 @@ from .reference import ReferenceStats, compute_reference_stats, load_or_compute_
 
 __all__ = [
     "EXTRACTORS",
+    "ExtractorFeatures",
     "FashionMNISTClassifierExtractor",
     "FeatureExtractor",
     "InceptionExtractor",
     "LogitsUnavailableError",
     "ReferenceStats",
+    "SampleQuality",
     "compute_reference_stats",
     "extract_features",
     "feature_statistics",
