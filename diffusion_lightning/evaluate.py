@@ -66,6 +66,13 @@ def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     loader = DataLoader(data, batch_size=cfg.nll.batch_size, shuffle=False)
     g = torch.Generator().manual_seed(cfg.seed) if device.type == "cpu" else None
     torch.manual_seed(cfg.seed)
+    clip = bool(cfg.nll.clip_denoised)
+    variance_type = cfg.nll.variance_type or model.variance_type
+    if variance_type.startswith("learned") != model.variance_type.startswith("learned"):
+        raise UserError(
+            f"nll.variance_type={variance_type} does not fit this {model.variance_type} model: a fixed-variance"
+            " model takes fixed_small or fixed_large, a learned-variance one only its own (leave it null)"
+        )
     totals, priors = [], []
     terms_sum = torch.zeros(model.diffusion.num_timesteps, dtype=torch.float64)
     for x0, y in track(loader, description=f"NLL on {len(data)} {cfg.nll.split} images"):
@@ -73,10 +80,10 @@ def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
         denoiser = model.denoiser(y.to(device) if model.net.num_classes else None)
         if cfg.nll.num_strata:
             out = calc_bpd_stratified(
-                denoiser, model.diffusion, x0, model.variance_type, cfg.nll.num_strata, generator=g
+                denoiser, model.diffusion, x0, variance_type, cfg.nll.num_strata, clip, generator=g
             )
         else:
-            out = calc_bpd_loop(denoiser, model.diffusion, x0, model.variance_type, generator=g)
+            out = calc_bpd_loop(denoiser, model.diffusion, x0, variance_type, clip, generator=g)
             terms_sum += out["vb"].double().sum(0).cpu()
             priors.append(out["prior_bpd"].cpu())
         totals.append(out["total_bpd"].double().cpu())
@@ -87,6 +94,8 @@ def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
         "num_images": len(total),
         "split": cfg.nll.split,
         "estimator": f"stratified-{cfg.nll.num_strata}" if cfg.nll.num_strata else "full",
+        "clip_denoised": clip,
+        "variance_type": variance_type,
     }
     if not cfg.nll.num_strata:
         terms = (terms_sum / len(total)).tolist()

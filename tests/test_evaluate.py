@@ -135,6 +135,26 @@ def test_nll_lines(compose_train, checkpoint, tmp_path):
     assert strata["bpd"] == pytest.approx(full["bpd"], rel=0.5)
 
 
+def test_nll_variance_override_and_clip(compose_train, checkpoint, tmp_path):
+    """A fixed-variance model's bound under either fixed variance; clipping x_0 is recorded and changes the bound."""
+    results = tmp_path / "r.jsonl"
+    base = [f"ckpt={checkpoint}", "metric=nll", "nll.num_images=4", "nll.batch_size=4", f"results={results}"]
+    runs = {
+        (v, clip): evaluate_mod.evaluate(
+            compose_train([*base, f"nll.variance_type={v}", f"nll.clip_denoised={clip}"], "evaluate")
+        )
+        for v in ("fixed_small", "fixed_large")
+        for clip in ("true", "false")
+    }
+    for (v, clip), r in runs.items():
+        assert r["variance_type"] == v and r["clip_denoised"] == (clip == "true") and math.isfinite(r["bpd"])
+    # same seed, same noise: only the reverse variance (or the clipping) differs between two runs
+    assert runs["fixed_small", "true"]["bpd"] != runs["fixed_large", "true"]["bpd"]
+    assert runs["fixed_small", "true"]["bpd"] != runs["fixed_small", "false"]["bpd"]
+    with pytest.raises(evaluate_mod.UserError, match="fixed_small or fixed_large"):
+        evaluate_mod.evaluate(compose_train([*base, "nll.variance_type=learned_range"], "evaluate"))
+
+
 def test_hydra_sweep_writes_one_line_per_job(checkpoint, tmp_path):
     results = tmp_path / "sweep.jsonl"
     env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", REFERENCE_DIR_ENV_VAR: str(tmp_path / "ref")}
