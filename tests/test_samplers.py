@@ -12,6 +12,7 @@ import torch
 
 from diffusion_lightning.diffusion import (
     GaussianDiffusion,
+    ModelPrediction,
     dynamic_threshold,
     gaussian_data_denoiser,
     linear_beta_schedule,
@@ -30,8 +31,9 @@ def exact_affine(abar: float, mu: float, s: float) -> tuple[float, float, float,
     return a, b, c, d
 
 
-def propagate_ddpm(abars: list[float], mu: float, s: float, variance: str) -> tuple[float, float]:
-    """DDPM eq. 7 with x0 -> x0_hat; sigma^2 = beta~_t (fixed_small) or beta_t (fixed_large)."""
+def propagate_ddpm(abars: list[float], mu: float, s: float, variance: str | float) -> tuple[float, float]:
+    """DDPM eq. 7 with x0 -> x0_hat; sigma^2 = beta~_t (fixed_small), beta_t (fixed_large), or for a float
+    ``frac`` the learned range of iDDPM eq. 15, beta_t^frac beta~_t^(1 - frac), all of the (respaced) chain."""
     m, v = 0.0, 1.0
     for i in range(len(abars) - 1, -1, -1):
         A, A_prev = abars[i], abars[i - 1] if i > 0 else 1.0
@@ -42,7 +44,9 @@ def propagate_ddpm(abars: list[float], mu: float, s: float, variance: str) -> tu
         lin = coef1 * a + coef2
         m, v = lin * m + coef1 * b, lin**2 * v
         if i > 0:
-            v += beta * (1 - A_prev) / (1 - A) if variance == "fixed_small" else beta
+            beta_tilde = beta * (1 - A_prev) / (1 - A)
+            frac = {"fixed_small": 0.0, "fixed_large": 1.0}.get(variance, variance)
+            v += beta**frac * beta_tilde ** (1 - frac)
     return m, v
 
 
@@ -111,6 +115,29 @@ def test_ddim_eta0_is_deterministic_and_ddpm_respaced_matches():
     x = run("ddpm", 0.2, 0.6, steps=25)
     m, v = propagate_ddpm(abars_for(25), 0.2, 0.6, "fixed_small")
     assert_moments(x, m, v)
+
+
+@pytest.mark.parametrize("v_out", [-1.0, 0.3, 1.0])
+def test_learned_range_variance_on_a_respaced_chain_matches_exact_moments(v_out):
+    """A 2C-output model whose variance channel says v: with 25 respaced steps the sampler must
+    interpolate between the *respaced* chain's beta and beta~ (iDDPM eq. 15 and Sec. 4)."""
+    mu, s = 0.2, 0.6
+    diffusion = GaussianDiffusion(linear_beta_schedule(1000))
+    exact = gaussian_data_denoiser(diffusion, mu, s)
+
+    def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> ModelPrediction:
+        pred = exact(x_t, t)
+        return ModelPrediction(pred.x0, pred.eps, torch.full_like(x_t, v_out))
+
+    g = torch.Generator().manual_seed(5)
+    x_T = torch.randn(N, D, generator=g, dtype=torch.float64)
+    x = sample("ddpm", denoiser, diffusion, x_T, steps=25, variance_type="learned_range", generator=g,
+               clip_denoised=False)  # fmt: skip
+    m, v = propagate_ddpm(abars_for(25), mu, s, (v_out + 1) / 2)
+    assert_moments(x, m, v)
+    # the respaced beta and beta~ differ enough at 25 steps for the three cases to be told apart
+    lo, hi = propagate_ddpm(abars_for(25), mu, s, 0.0)[1], propagate_ddpm(abars_for(25), mu, s, 1.0)[1]
+    assert hi / lo > 1.1
 
 
 def test_clipping_and_dynamic_threshold():
