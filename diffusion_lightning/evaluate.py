@@ -26,16 +26,7 @@ from .checkpoint import model_from_checkpoint
 from .diffusion.schedules import space_timesteps
 from .diffusion.vlb import calc_bpd_loop, calc_bpd_stratified
 from .errors import UserError
-from .metrics import (
-    LogitsUnavailableError,
-    feature_statistics,
-    frechet_distance,
-    get_extractor,
-    inception_score,
-    kernel_inception_distance,
-    load_or_compute_reference_stats,
-    to_uint8,
-)
+from .metrics import SampleQuality, get_extractor, load_or_compute_reference_stats, to_uint8
 from .metrics.reference import dataset_key
 from .sample import generate, resolve_device
 from .train import run_or_exit
@@ -130,28 +121,16 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
         npz = Path(cfg.paths.output_dir) / "samples.npz"
         npz.parent.mkdir(parents=True, exist_ok=True)
         np.savez(npz, samples=uint8.permute(0, 2, 3, 1).numpy())
-    feats, logits = [], []
-    for start in range(0, len(uint8), cfg.batch_size):
-        out = extractor(uint8[start : start + cfg.batch_size].to(device))
-        feats.append(out["features"].cpu())
-        if out["logits"] is not None:
-            logits.append(out["logits"].cpu())
-    features = torch.cat(feats)
-    mu, sigma = feature_statistics(features)
-    result: dict[str, Any] = {
-        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
-        "reference": {"split": cfg.reference_split, "num_images": ref.num_images, "extractor": cfg.extractor},
-    }
-    subset = min(cfg.kid_subset_size, len(features), ref.num_images)
-    kid_mean, kid_std = kernel_inception_distance(
-        features, ref.features, subset_size=subset, generator=torch.Generator().manual_seed(cfg.seed)
-    )
-    result |= {"kid": kid_mean, "kid_std": kid_std}
-    try:
-        is_mean, is_std = inception_score(torch.cat(logits) if logits else None, splits=min(10, len(features)))
-        result |= {"is": is_mean, "is_std": is_std}
-    except LogitsUnavailableError as e:
-        result |= {"is": None, "is_unavailable": str(e)}
+    # The training callback's engine: one implementation of FID/KID/IS for both entry points.
+    quality = SampleQuality(
+        extractor, kid_subset_size=min(cfg.kid_subset_size, len(uint8), ref.num_images), batch_size=cfg.batch_size
+    ).to(device)
+    quality.set_reference(ref)
+    quality.update(uint8)
+    result: dict[str, Any] = quality.compute(seed=cfg.seed)
+    result["reference"] = {"split": cfg.reference_split, "num_images": ref.num_images, "extractor": cfg.extractor}
+    if not extractor.has_logits:
+        result |= {"is": None, "is_unavailable": f"IS unavailable: no logits, {extractor.logits_unavailable_reason}"}
     return result
 
 
