@@ -122,8 +122,12 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
         npz.parent.mkdir(parents=True, exist_ok=True)
         np.savez(npz, samples=uint8.permute(0, 2, 3, 1).numpy())
     # The training callback's engine: one implementation of FID/KID/IS for both entry points.
+    n = len(uint8)
     quality = SampleQuality(
-        extractor, kid_subset_size=min(cfg.kid_subset_size, len(uint8), ref.num_images), batch_size=cfg.batch_size
+        extractor,
+        kid_subset_size=min(cfg.kid_subset_size, n, ref.num_images),
+        is_splits=min(10, n),
+        batch_size=cfg.batch_size,
     ).to(device)
     quality.set_reference(ref)
     quality.update(uint8)
