@@ -169,6 +169,19 @@ def test_fmnist_classifier_extractor():
         get_extractor("fmnist-classifier", weights_path="/nonexistent/weights.pt")
 
 
+def test_reference_cache_key_follows_the_weights(tmp_path):
+    """Reference statistics of other fmnist-classifier weights never share the shipped weights' cache file."""
+    shipped = get_extractor("fmnist-classifier")
+    assert shipped.cache_key == "fmnist-classifier"
+    random0, random1 = (get_extractor("fmnist-classifier", pretrained=False, seed=s) for s in (0, 1))
+    other = tmp_path / "other.pt"
+    torch.save(random0.net.state_dict(), other)
+    custom = get_extractor("fmnist-classifier", weights_path=other)
+    keys = {e.cache_key for e in (shipped, random0, random1, custom)}
+    assert len(keys) == 4 and all(k.startswith("fmnist-classifier") for k in keys)
+    assert get_extractor("fmnist-classifier", weights_path=other).cache_key == custom.cache_key  # stable
+
+
 def test_inception_conversion_matches_torchscript(tmp_path):
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
@@ -213,11 +226,11 @@ def test_reference_stats_cached(tmp_path):
     direct = ext(to_uint8(images[:30]))["features"]
     torch.testing.assert_close(stats.mu, direct.mean(0))
     files = list(tmp_path.glob("*.pt"))
-    assert [f.name for f in files] == ["toy-test-fmnist-classifier-32px-n30.pt"]
+    assert [f.name for f in files] == ["toy-test-fmnist-classifier-random0-32px-n30.pt"]  # random weights, seed 0
     torch.load(files[0], weights_only=True)  # tensors only
 
     class Boom:
-        name = "fmnist-classifier"
+        name, cache_key = "fmnist-classifier", ext.cache_key
 
         def __call__(self, images):
             raise AssertionError("should have been read from the cache")

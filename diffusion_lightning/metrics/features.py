@@ -11,6 +11,7 @@ on the CPU. Images in [-1, 1] are quantised with :func:`~diffusion_lightning.met
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import urllib.error
 from abc import ABC, abstractmethod
@@ -54,6 +55,11 @@ class FeatureExtractor(ABC):
     @property
     def has_logits(self) -> bool:
         return self.num_classes is not None
+
+    @property
+    def cache_key(self) -> str:
+        """Names the features in reference-stats cache files: extractors whose weights can differ override it."""
+        return self.name
 
     @property
     def logits_unavailable_reason(self) -> str:
@@ -220,12 +226,20 @@ class FashionMNISTClassifierExtractor(FeatureExtractor):
             self.net = FashionMNISTClassifier()
             self.net.load_state_dict(_load_state_dict(path))
             self.weights_path: Path | None = path
+            # other weights give other features: they must not share the shipped weights' cached statistics
+            if path.resolve() != DEFAULT_FMNIST_WEIGHTS.resolve():
+                self._cache_key = f"{self.name}-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.net = FashionMNISTClassifier()
             self.weights_path = None
+            self._cache_key = f"{self.name}-random{seed}"
         self.net.eval().requires_grad_(False).to(self.device)
+
+    @property
+    def cache_key(self) -> str:
+        return getattr(self, "_cache_key", self.name)
 
     def _forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         if images.shape[1] != 1:

@@ -125,7 +125,7 @@ def load_or_compute_reference_stats(
         if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
             raise ValueError("num_images is needed for the cache key unless data is a sized Dataset")
         num_images = len(data)  # type: ignore[arg-type]
-    path = reference_cache_path(cache_dir or default_reference_dir(), dataset, split, extractor.name, resolution,
+    path = reference_cache_path(cache_dir or default_reference_dir(), dataset, split, extractor.cache_key, resolution,
                                 num_images)  # fmt: skip
     if path.is_file() and not recompute:
         stats = ReferenceStats.from_tensors(torch.load(path, map_location="cpu", weights_only=True))
