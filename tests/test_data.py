@@ -6,6 +6,7 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.error import URLError
 
 import numpy as np
@@ -260,31 +261,50 @@ def test_cifar10_fixture_loads(tmp_path):
     assert labels.tolist() == fixture["labels"]["test"]
 
 
+def _training(dm, global_rank: int = 0, num_training_batches: int = 1):
+    """Attach a stand-in for the Trainer attributes the data module reads while training."""
+    dm.trainer = SimpleNamespace(training=True, world_size=1, global_rank=global_rank,
+                                 num_training_batches=num_training_batches)
+    return dm
+
+
 def test_cifar10_flip_only_on_train(tmp_path):
     fixture = write_cifar(tmp_path, per_batch=1, n_test=2)
-    dm = CIFAR10DataModule(root=str(tmp_path), batch_size=5, num_workers=0, download=False)
-    torch.manual_seed(0)
+    dm = _training(CIFAR10DataModule(root=str(tmp_path), batch_size=5, num_workers=0, download=False))
     originals = torch.stack([to_float(im) for im in fixture["images"]["train"]])
-    seen_flipped = seen_plain = False
-    for _ in range(4):
-        images, labels = next(iter(dm.train_dataloader()))
+    loader = dm.train_dataloader()
+    flips = []
+    for epoch in range(4):
+        dm._sampler.set_epoch(epoch)
+        images, labels = dm.on_after_batch_transfer(next(iter(loader)), 0)
         for img, lab in zip(images, labels, strict=True):
             match = originals[int(lab)]  # labels of this fixture are 0..4 == index
-            if torch.equal(img, match):
-                seen_plain = True
-            else:
-                assert torch.equal(img, match.flip(-1))
-                seen_flipped = True
-    assert seen_plain and seen_flipped
+            flips.append(not torch.equal(img, match))
+            assert torch.equal(img, match.flip(-1) if flips[-1] else match)
+    assert any(flips) and not all(flips)
+    # the flips are a function of (seed, epoch, batch): another module with the same seed repeats them
+    batch = next(iter(loader))
+
+    def flipped(seed: int) -> list[torch.Tensor]:
+        other = _training(CIFAR10DataModule(root=str(tmp_path), batch_size=5, num_workers=0, download=False,
+                                            seed=seed))
+        other.train_dataloader()
+        return [other.on_after_batch_transfer(batch, 0)[0] for _ in range(4)]
+
+    same, other_seed = flipped(0), flipped(1)
+    assert all(torch.equal(a, b) for a, b in zip(same, flipped(0), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(same, other_seed, strict=True))
+    dm.trainer.training = False  # validation batches pass through unchanged
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
         for _ in range(3):
-            images, _ = next(iter(loader))
+            images, _ = dm.on_after_batch_transfer(next(iter(loader)), 0)
             torch.testing.assert_close(images, torch.stack([to_float(im) for im in fixture["images"]["test"]]))
     for i in range(5):  # dataset("train") is the unaugmented view for evaluation code
         torch.testing.assert_close(dm.dataset("train")[i][0], originals[i])
 
-    no_flip = CIFAR10DataModule(root=str(tmp_path), batch_size=5, num_workers=0, download=False, random_flip=False)
-    images, labels = next(iter(no_flip.train_dataloader()))
+    no_flip = _training(CIFAR10DataModule(root=str(tmp_path), batch_size=5, num_workers=0, download=False,
+                                          random_flip=False))
+    images, labels = no_flip.on_after_batch_transfer(next(iter(no_flip.train_dataloader())), 0)
     for img, lab in zip(images, labels, strict=True):
         assert torch.equal(img, originals[int(lab)])  # labels of this fixture are 0..4 == index
 
@@ -393,3 +413,29 @@ def test_image_folder_empty_or_missing(tmp_path):
     assert str(tmp_path / "empty") in str(info.value)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         ImageFolderDataModule(root=str(tmp_path / "missing")).setup()
+
+
+def test_epoch_sampler_order_is_a_function_of_seed_and_epoch_and_splits_across_ranks():
+    from diffusion_lightning.data.base import EpochSampler
+
+    data = list(range(23))
+    one = EpochSampler(data, seed=3)
+    epoch0 = list(one)
+    torch.manual_seed(0)
+    assert list(EpochSampler(data, seed=3)) == epoch0  # torch's global generator plays no part
+    torch.manual_seed(1)
+    assert list(EpochSampler(data, seed=3)) == epoch0
+    assert sorted(epoch0) == data and epoch0 != data
+    one.set_epoch(1)
+    assert list(one) != epoch0 and list(one) == list(EpochSampler(data, seed=3, epoch=1))
+    assert list(EpochSampler(data, seed=4)) != epoch0
+
+    ranks = [list(EpochSampler(data, num_replicas=3, rank=r, seed=3)) for r in range(3)]
+    assert all(len(r) == 7 for r in ranks)  # 23 // 3: the tail is dropped so ranks stay in step
+    assert len(set().union(*ranks)) == 21
+
+    resumed = EpochSampler(data, seed=3)
+    resumed.skip = 8
+    assert list(resumed) == epoch0[8:]  # a resumed epoch continues where it stopped ...
+    assert list(resumed) == epoch0  # ... once: the next pass is whole again
+    assert len(resumed) == 23  # the loader's length (batches per epoch) does not change

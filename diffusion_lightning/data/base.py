@@ -8,7 +8,10 @@ Conventions shared by every data module of this package:
   :class:`~diffusion_lightning.data.errors.DatasetNotFoundError` when it is missing, before any training starts;
   ``setup()`` builds the datasets on every rank;
 * the validation loader is a fixed subset of the test split, the test loader the full test split;
-* random horizontal flips (``random_flip``) are applied to the training loader only.
+* random horizontal flips (``random_flip``) are applied to training batches only (in ``on_after_batch_transfer``);
+* the training order and the flips are functions of ``(seed, epoch, batch)`` alone, never of torch's global
+  generator, and the data module saves its place in the epoch: a run resumed from any checkpoint, mid-epoch
+  included, sees the same batches as the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import DatasetNotFoundError
 
@@ -48,14 +54,12 @@ def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
 class TensorImageDataset(Dataset):
     """In-memory dataset of uint8 images ``(N, C, H, W)`` with int64 labels ``(N,)``.
 
-    Items are ``(image, label)``: the image converted to float in ``[-1, 1]``, resized (bilinear, antialias) to
-    ``image_size`` if its size differs, and flipped horizontally with probability 1/2 when ``random_flip``.
-    The uint8 tensor is shared, never modified, so DataLoader workers (fork) do not copy it.
+    Items are ``(image, label)``: the image converted to float in ``[-1, 1]`` and resized (bilinear, antialias) to
+    ``image_size`` if its size differs. The uint8 tensor is shared, never modified, so DataLoader workers (fork) do
+    not copy it.
     """
 
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, image_size: int | None = None, random_flip: bool = False
-    ) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
@@ -63,7 +67,6 @@ class TensorImageDataset(Dataset):
         self.images = images
         self.labels = labels.to(torch.int64)
         self.image_size = image_size
-        self.random_flip = random_flip
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -72,9 +75,33 @@ class TensorImageDataset(Dataset):
         image = uint8_to_float(self.images[index])
         if self.image_size is not None:
             image = resize_square(image, self.image_size)
-        if self.random_flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
         return image, self.labels[index]
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: a permutation drawn from ``seed + epoch`` alone (as ``DistributedSampler``: this rank takes
+    every ``num_replicas``-th index), so it never touches torch's global generator. ``skip`` drops this rank's first
+    indices in the next pass only: a run resumed mid-epoch continues the epoch where it stopped."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.epoch = epoch
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip :]
+        self.skip = 0
+        return iter(indices)
+
+
+def batch_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (well mixed, so nearby keys give unrelated streams)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
 @contextlib.contextmanager
@@ -96,7 +123,7 @@ class ImageDataModule(L.LightningDataModule, ABC):
         batch_size: batch size of all three loaders (train drops its last incomplete batch).
         num_workers: DataLoader worker processes (workers are persistent when > 0 and ``persistent_workers``).
         pin_memory: pin host memory; only effective when CUDA is available.
-        random_flip: random horizontal flips on the training loader (never on val/test or :meth:`dataset`).
+        random_flip: random horizontal flips of training batches (never of val/test or :meth:`dataset`).
         val_samples: size of the fixed random subset of the test split used for validation; None = whole split.
         class_labels: whether consumers should use the labels (class-conditional models); batches always hold them.
         download: allow downloading missing data in :meth:`prepare_data` (also disabled by
@@ -147,6 +174,8 @@ class ImageDataModule(L.LightningDataModule, ABC):
         self.seed = int(seed)
         self.download_timeout = download_timeout
         self._datasets: dict[str, Dataset] | None = None
+        self._sampler: EpochSampler | None = None
+        self._position = (0, 0)  # (epoch, training batches of it consumed so far)
 
     # ------------------------------------------------------------------ to implement in subclasses
     @property
@@ -181,8 +210,8 @@ class ImageDataModule(L.LightningDataModule, ABC):
         """Read the data into memory (called once by :meth:`setup`, after the availability check)."""
 
     @abstractmethod
-    def _make_dataset(self, split: str, augment: bool) -> Dataset:
-        """Dataset of ``split`` ("train"/"test"); ``augment`` adds the training augmentation (random flip)."""
+    def _make_dataset(self, split: str) -> Dataset:
+        """Dataset of ``split`` ("train"/"test")."""
 
     # ------------------------------------------------------------------ availability / download
     @property
@@ -224,14 +253,10 @@ class ImageDataModule(L.LightningDataModule, ABC):
             return
         self.check_available()
         self._load()
-        self._datasets = {
-            "train_aug": self._make_dataset("train", augment=self.random_flip),
-            "train": self._make_dataset("train", augment=False),
-            "test": self._make_dataset("test", augment=False),
-        }
+        self._datasets = {split: self._make_dataset(split) for split in SPLITS}
 
-    def dataset(self, split: str, augment: bool = False) -> Dataset:
-        """The dataset of ``split`` ("train" or "test") for evaluation code: no augmentation unless ``augment``.
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``split`` ("train" or "test"), never augmented (flips happen per training batch).
 
         Calls :meth:`setup` if needed. Items are ``(image in [-1, 1] (C, H, W), int64 label)``.
         """
@@ -240,8 +265,6 @@ class ImageDataModule(L.LightningDataModule, ABC):
         if self._datasets is None:
             self.setup()
         assert self._datasets is not None
-        if split == "train" and augment and self.random_flip:
-            return self._datasets["train_aug"]
         return self._datasets[split]
 
     def val_indices(self) -> list[int]:
@@ -253,34 +276,70 @@ class ImageDataModule(L.LightningDataModule, ABC):
         return sorted(torch.randperm(n, generator=g)[: self.val_samples].tolist())
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: EpochSampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+            sampler=sampler,
+            drop_last=sampler is not None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory_effective,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            # worker seeds come from here, not from torch's global generator (the model's noise stream)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.dataset("train", augment=True)
-        if len(dataset) < self.batch_size:
+        """Shuffled by :class:`EpochSampler` (split across ranks under DDP), starting where :meth:`load_state_dict`
+        left off; incomplete batches are dropped."""
+        dataset = self.dataset("train")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if len(dataset) < self.batch_size * world:
             raise ValueError(
                 f"{self.name}: the train split has {len(dataset)} images, fewer than batch_size={self.batch_size} "
-                "(the train loader drops incomplete batches, so it would be empty)"
+                f"x {world} device(s) (the train loader drops incomplete batches, so it would be empty)"
             )
-        return self._loader(dataset, shuffle=True, drop_last=True)
+        epoch, batches = self._position
+        self._sampler = EpochSampler(dataset, world, rank, seed=self.seed, epoch=epoch)
+        self._sampler.skip = batches * self.batch_size
+        return self._loader(dataset, self._sampler)
 
     def val_dataloader(self) -> DataLoader:
         test = self.dataset("test")
         indices = self.val_indices()
-        dataset = test if len(indices) == len(test) else Subset(test, indices)
-        return self._loader(dataset, shuffle=False, drop_last=False)
+        return self._loader(test if len(indices) == len(test) else Subset(test, indices))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), shuffle=False, drop_last=False)
+        return self._loader(self.dataset("test"))
+
+    # ------------------------------------------------------------------ augmentation and resumption
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> Any:
+        """Count the training batch (the place :meth:`state_dict` saves) and flip it (``random_flip``): each image
+        with probability 1/2, drawn from ``(seed, epoch, batch, rank)``."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training or self._sampler is None:
+            return batch
+        epoch, done = self._position if self._position[0] == self._sampler.epoch else (self._sampler.epoch, 0)
+        self._position = (epoch, done + 1)
+        if not self.random_flip:
+            return batch
+        images, labels = batch
+        g = batch_generator(self.seed, epoch, done, trainer.global_rank)
+        flip = (torch.rand(len(images), generator=g) < 0.5).to(images.device)
+        return torch.where(flip[:, None, None, None], images.flip(-1), images), labels
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in the data: the epoch and how many of its batches were consumed (saved in checkpoints)."""
+        epoch, batches = self._position
+        per_epoch = self.trainer.num_training_batches if self.trainer is not None else float("inf")
+        return {"epoch": epoch + 1, "batches": 0} if batches >= per_epoch else {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._position = (int(state_dict["epoch"]), int(state_dict["batches"]))
+        # Lightning warns that a mid-epoch resume repeats data unless the DataLoader is stateful; this module
+        # restores the place itself (train_dataloader), so the warning would be wrong here.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
     def __repr__(self) -> str:
         return (

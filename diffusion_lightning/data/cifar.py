@@ -189,6 +189,6 @@ class CIFAR10DataModule(ImageDataModule):
             if isinstance(names, (list, tuple)) and len(names) == 10:
                 self._class_names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
 
-    def _make_dataset(self, split: str, augment: bool) -> Dataset:
+    def _make_dataset(self, split: str) -> Dataset:
         images, labels = self._data[split]
-        return TensorImageDataset(images, labels, image_size=self.image_size, random_flip=augment)
+        return TensorImageDataset(images, labels, image_size=self.image_size)

@@ -50,19 +50,16 @@ def load_image(path: str | Path, image_size: int, channels: int = 3) -> torch.Te
 class ImageFileDataset(Dataset):
     """Images read from disk on access: items are ``(float image in [-1, 1] (C, S, S), label 0)``."""
 
-    def __init__(self, files: list[Path], image_size: int, channels: int = 3, random_flip: bool = False) -> None:
+    def __init__(self, files: list[Path], image_size: int, channels: int = 3) -> None:
         self.files = list(files)
         self.image_size = image_size
         self.channels = channels
-        self.random_flip = random_flip
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = uint8_to_float(load_image(self.files[index], self.image_size, self.channels))
-        if self.random_flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
         return image, torch.tensor(0, dtype=torch.int64)
 
 
@@ -164,6 +161,6 @@ class ImageFolderDataModule(ImageDataModule):
     def _load(self) -> None:
         pass  # images are read lazily by ImageFileDataset
 
-    def _make_dataset(self, split: str, augment: bool) -> Dataset:
+    def _make_dataset(self, split: str) -> Dataset:
         assert self._files is not None
-        return ImageFileDataset(self._files[split], self.image_size, self._channels, random_flip=augment)
+        return ImageFileDataset(self._files[split], self.image_size, self._channels)

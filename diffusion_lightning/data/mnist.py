@@ -165,9 +165,9 @@ class _IDXDataModule(ImageDataModule):
                 images = F.pad(images, (lo, hi, lo, hi), value=0)  # uint8 0 == background -1 after scaling
             self._data[split] = (images, labels.to(torch.int64))
 
-    def _make_dataset(self, split: str, augment: bool) -> Dataset:
+    def _make_dataset(self, split: str) -> Dataset:
         images, labels = self._data[split]
-        return TensorImageDataset(images, labels, image_size=self.image_size, random_flip=augment)
+        return TensorImageDataset(images, labels, image_size=self.image_size)
 
 
 class FashionMNISTDataModule(_IDXDataModule):

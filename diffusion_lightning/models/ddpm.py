@@ -119,7 +119,11 @@ class DDPM(L.LightningModule):
         return self._shared_step(batch, "train")[0]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        # The same t and noise for a batch at every validation (a smoother curve), drawn outside training's
+        # random stream, so validating does not change what training draws next (exact resume).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(batch_idx)
+            self._shared_step(batch, "val")
 
     def _log_quarters(self, stage: str, losses: Tensor, t: Tensor) -> None:
         """The loss per quarter of the timestep range (q0: t < T/4, ..., q3: t >= 3T/4)."""
