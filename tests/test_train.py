@@ -82,6 +82,8 @@ def test_resume_continues_exactly(compose_train, image_folder, tmp_path):
     base = _fit_overrides(image_folder, max_epochs=2, max_steps=-1)
     full = train(compose_train(base))
     steps_per_epoch = full["trainer"].global_step // 2
+    # one grid per epoch, except the last epoch's, which would repeat final.png (same weights)
+    assert sorted(p.name for p in (tmp_path / "run" / "grids").glob("*.png")) == ["epoch_0000.png", "final.png"]
 
     first_cfg = compose_train(_fit_overrides(image_folder, max_epochs=1, max_steps=-1))
     with open_dict(first_cfg):
@@ -216,3 +218,13 @@ def test_cli_missing_cifar_is_a_clear_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert str(tmp_path / "data") in proc.stderr and "cifar-10" in proc.stderr.lower()
+
+
+def test_progress_bar_counts_steps_of_step_limited_runs():
+    from diffusion_lightning.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = L.Trainer(max_steps=5000, max_epochs=-1, logger=False, enable_checkpointing=False, callbacks=[bar])
+    assert bar._get_train_description(3).strip() == "Epoch 3 · step 0/5000"  # Lightning alone: "Epoch 3/-2"
+    bar._trainer = L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, callbacks=[bar])
+    assert bar._get_train_description(3).strip() == "Epoch 3/3"

@@ -50,7 +50,9 @@ class SampleGrid(L.Callback):
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ending = 0 < trainer.max_steps <= trainer.global_step  # on_train_end draws the last grid
+        # on_train_end draws the last grid: skip the epoch grid of the same weights
+        last_epoch = 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1
+        ending = last_epoch or 0 < trainer.max_steps <= trainer.global_step
         if self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not ending:
             self._draw(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}", self.sampler)
 
