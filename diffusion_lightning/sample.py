@@ -12,7 +12,7 @@ from rich.progress import track
 from torchvision.utils import save_image
 
 from .checkpoint import model_from_checkpoint
-from .metrics.quantize import to_uint8
+from .images import to_uint8
 from .train import run_or_exit
 
 

@@ -30,17 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from ..images import from_uint8
 from .errors import DatasetNotFoundError
 
 #: Set to 1/true/yes to forbid every download attempt (same as ``download=False``).
 OFFLINE_ENV_VAR = "DIFFUSION_LIGHTNING_OFFLINE"
 
 SPLITS = ("train", "test")
-
-
-def uint8_to_float(images: torch.Tensor) -> torch.Tensor:
-    """Map uint8 pixel values to float32 in ``[-1, 1]`` (0 -> -1, 255 -> 1)."""
-    return images.to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -72,7 +68,7 @@ class TensorImageDataset(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = uint8_to_float(self.images[index])
+        image = from_uint8(self.images[index])
         if self.image_size is not None:
             image = resize_square(image, self.image_size)
         return image, self.labels[index]

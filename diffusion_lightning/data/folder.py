@@ -9,7 +9,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from .base import ImageDataModule, uint8_to_float
+from ..images import from_uint8
+from .base import ImageDataModule
 from .errors import DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -59,7 +60,7 @@ class ImageFileDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = uint8_to_float(load_image(self.files[index], self.image_size, self.channels))
+        image = from_uint8(load_image(self.files[index], self.image_size, self.channels))
         return image, torch.tensor(0, dtype=torch.int64)
 
 

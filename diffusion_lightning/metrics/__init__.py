@@ -1,5 +1,6 @@
 """Sample-quality metrics (FID, KID, IS) on pluggable feature extractors; pure torch, no Lightning."""
 
+from ..images import from_uint8, to_uint8
 from .engine import ExtractorFeatures, SampleQuality
 from .features import (
     EXTRACTORS,
@@ -19,7 +20,6 @@ from .frechet import (
     kernel_inception_distance,
     polynomial_mmd2,
 )
-from .quantize import from_uint8, to_uint8
 from .reference import ReferenceStats, compute_reference_stats, load_or_compute_reference_stats
 
 __all__ = [

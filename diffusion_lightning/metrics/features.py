@@ -1,7 +1,7 @@
 """Feature extractors for FID / KID / IS, behind a small registry.
 
 An extractor maps uint8 images (B, C, H, W) to ``{"features": (B, D) float64, "logits": (B, K) float64 or None}``
-on the CPU. Images in [-1, 1] are quantised with :func:`~diffusion_lightning.metrics.quantize.to_uint8` first.
+on the CPU. Images in [-1, 1] are quantised with :func:`~diffusion_lightning.images.to_uint8` first.
 
 * ``inception``: torch-fidelity's ``FeatureExtractorInceptionV3`` ("inception-v3-compat"; pool3 ``2048`` features
   and ``logits_unbiased`` for IS, as torch-fidelity uses them). Grayscale is repeated to 3 channels.
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lightning.nets.classifier import FashionMNISTClassifier, uint8_to_unit
+from diffusion_lightning.images import from_uint8
+from diffusion_lightning.nets.classifier import FashionMNISTClassifier
 
 from .frechet import LogitsUnavailableError
 from .inception_weights import (
@@ -246,7 +247,7 @@ class FashionMNISTClassifierExtractor(FeatureExtractor):
             raise ValueError(f"fmnist-classifier: expected 1-channel images, got {images.shape[1]} channels")
         if images.shape[-2:] == (28, 28):
             images = F.pad(images, (2, 2, 2, 2), value=0)  # the data modules' "pad" mode: background is 0
-        return self.net.forward_features(uint8_to_unit(images))
+        return self.net.forward_features(from_uint8(images))
 
 
 @torch.no_grad()

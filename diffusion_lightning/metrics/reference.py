@@ -1,7 +1,7 @@
 """Reference statistics of a real data set (mu, sigma in float64 and the image count), cached on disk.
 
 The data set yields images in [-1, 1] (tensors, or ``(image, label)`` tuples, as the data modules do); they are
-quantised with :func:`~diffusion_lightning.metrics.quantize.to_uint8` -- exactly like generated samples -- before
+quantised with :func:`~diffusion_lightning.images.to_uint8` -- exactly like generated samples -- before
 feature extraction. The cache is a ``.pt`` of tensors only (loaded with ``weights_only=True``) named after
 (dataset, split, extractor, resolution, number of images).
 """
@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..images import to_uint8
 from .features import FeatureExtractor, extract_features
 from .frechet import feature_statistics
-from .quantize import to_uint8
 
 #: Environment variable overriding the cache directory (default ``<repo>/data/reference_stats``).
 REFERENCE_DIR_ENV_VAR = "DIFFUSION_LIGHTNING_REFERENCE_STATS"

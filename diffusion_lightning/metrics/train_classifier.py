@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_lightning.nets.classifier import FashionMNISTClassifier, uint8_to_unit
+from diffusion_lightning.images import from_uint8
+from diffusion_lightning.nets.classifier import FashionMNISTClassifier
 
 from .features import DEFAULT_FMNIST_WEIGHTS
 
@@ -51,7 +52,7 @@ def evaluate(model: FashionMNISTClassifier, images: Tensor, labels: Tensor, batc
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
-        logits = model(uint8_to_unit(images[i : i + batch_size]))
+        logits = model(from_uint8(images[i : i + batch_size]))
         correct += int((logits.argmax(1) == labels[i : i + batch_size]).sum())
     return correct / len(images)
 
@@ -75,7 +76,7 @@ def train(
         total = 0.0
         for b in range(steps_per_epoch):
             idx = perm[b * batch_size : (b + 1) * batch_size]
-            x = augment(uint8_to_unit(x_train[idx]), g)
+            x = augment(from_uint8(x_train[idx]), g)
             loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,7 +6,6 @@ Inception's class posterior (IS), the usual substitute for Inception on (Fashion
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
@@ -47,7 +46,3 @@ class FashionMNISTClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)[1]
 
-
-def uint8_to_unit(images: Tensor) -> Tensor:
-    """uint8 -> float32 in [-1, 1] as x / 127.5 - 1, the data modules' convention."""
-    return images.to(torch.float32) / 127.5 - 1.0

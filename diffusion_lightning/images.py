@@ -1,4 +1,5 @@
-"""The single float -> uint8 rule used for every image that is scored or saved.
+"""The pixel convention of the package: uint8 <-> float in [-1, 1], the one rule for every image that is
+loaded, scored or saved.
 
 Model outputs live in [-1, 1]. :func:`to_uint8` clamps, maps to [0, 1] and then applies exactly the arithmetic of
 ``torchvision.utils.save_image`` (``x.mul(255).add_(0.5).clamp_(0, 255).to(uint8)``, i.e. floor(255 x + 1/2),
@@ -30,5 +31,5 @@ def to_uint8(x: Tensor) -> Tensor:
 
 
 def from_uint8(images: Tensor) -> Tensor:
-    """uint8 -> float32 in [-1, 1] as x / 127.5 - 1 (the data modules' convention); inverse of :func:`to_uint8`."""
+    """uint8 -> float32 in [-1, 1] as x / 127.5 - 1 (0 -> -1, 255 -> 1); inverse of :func:`to_uint8`."""
     return images.to(torch.float32) / 127.5 - 1.0
