@@ -71,6 +71,8 @@ def run_or_exit(fn: Any, cfg: DictConfig) -> Any:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     result = run_or_exit(train, cfg)
+    if not result["trainer"].is_global_zero:
+        return
     grid = next((c for c in result["trainer"].callbacks if hasattr(c, "last_path")), None)
     print(f"run folder: {cfg.paths.output_dir}")
     if grid is not None and grid.last_path is not None:
