@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from diffusion_lightning.diffusion import (
+    SAMPLERS,
     GaussianDiffusion,
     gaussian_data_denoiser,
     linear_beta_schedule,
     sample,
     space_timesteps,
 )
-from diffusion_lightning.diffusion.samplers import SAMPLERS
 
 N, D = 20_000, 8  # 160k scalar samples: standard error of the mean ~ 0.0025 s
 T = 1000
@@ -140,8 +140,11 @@ def assert_moments(x: torch.Tensor, m: float, v: float) -> None:
 
 
 def test_registered():
-    assert SAMPLERS["dpmpp"] is SAMPLERS["dpmpp_2m"]
-    assert "heun" in SAMPLERS
+    from diffusion_lightning.diffusion import dpmpp_2m_sample, heun_sample, sample
+
+    assert SAMPLERS["dpmpp"] is dpmpp_2m_sample and SAMPLERS["heun"] is heun_sample
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'; available: ddim, ddpm, dpmpp, heun"):
+        sample("dpm", None, None, None)
 
 
 @pytest.mark.parametrize("steps", [10, 20])

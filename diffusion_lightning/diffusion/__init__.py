@@ -3,7 +3,8 @@
 from .gaussian import Denoiser, GaussianDiffusion, ModelPrediction, gaussian_data_denoiser
 from .importance import LossSecondMomentResampler, UniformSampler
 from .losses import l_simple, mean_flat
-from .samplers import SAMPLERS, ddim_sample, ddpm_sample, dynamic_threshold, sample
+from .registry import SAMPLERS, sample
+from .samplers import ddim_sample, ddpm_sample, dynamic_threshold
 from .schedules import cosine_beta_schedule, get_beta_schedule, linear_beta_schedule, space_timesteps
 from .solvers import dpmpp_2m_sample, heun_sample
 from .vlb import (

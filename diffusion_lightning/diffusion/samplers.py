@@ -1,4 +1,5 @@
-"""Samplers: small pure functions over a denoiser (k-diffusion style).
+"""Ancestral (DDPM) and DDIM samplers: small pure functions over a denoiser (k-diffusion style), and the
+helpers every sampler shares. The ODE solvers are in :mod:`.solvers`; :mod:`.registry` names them all.
 
 Every sampler has the signature ``sampler(denoiser, diffusion, x_T, *, steps, ..., generator)``
 and returns x_0. ``steps`` picks the timesteps (see :func:`space_timesteps`); the sampler runs
@@ -8,7 +9,6 @@ the respaced process, calling the denoiser with the training process's timesteps
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -122,23 +122,3 @@ def ddim_sample(
         if sigma > 0 and i > 0:
             x = x + sigma * _randn_like(x, generator)
     return x
-
-
-from .solvers import dpmpp_2m_sample, heun_sample  # noqa: E402  (solvers.py uses the helpers above)
-
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": ddpm_sample,
-    "ddim": ddim_sample,
-    "dpmpp": dpmpp_2m_sample,
-    "dpmpp_2m": dpmpp_2m_sample,
-    "heun": heun_sample,
-}
-
-
-def sample(
-    name: str, denoiser: Denoiser, diffusion: GaussianDiffusion, x_T: Tensor, **kwargs: Any
-) -> Tensor:
-    """Run the sampler registered as ``name`` (see ``SAMPLERS``)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name](denoiser, diffusion, x_T, **kwargs)

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from . import samplers as _samplers  # module import: samplers.py imports this file to register the solvers
 from .gaussian import Denoiser, GaussianDiffusion
-
-if TYPE_CHECKING:
-    from .samplers import Progress
+from .samplers import Progress, _denoise, _randn_like, process_prediction, respaced
 
 
 @torch.no_grad()
@@ -58,7 +54,7 @@ def dpmpp_2m_sample(
     Gaussian data N(0.5, 1) a second-order final step leaves the output std at 1.115 (DDIM: 0.908), a first-order
     one at 1.0005 (tests/test_solvers.py).
     """
-    process = _samplers.respaced(diffusion, steps)
+    process = respaced(diffusion, steps)
     n = process.num_timesteps
     abar = process.alphas_cumprod
     lam = [0.5 * math.log(float(abar[i]) / (1.0 - float(abar[i]))) for i in range(n)]
@@ -66,7 +62,7 @@ def dpmpp_2m_sample(
     x0_prev: Tensor | None = None  # x0 prediction at the previous (noisier) timestep
     indices: Iterable[int] = range(n - 1, -1, -1)
     for i in progress(indices) if progress else indices:
-        pred, _ = _samplers._denoise(denoiser, process, x, i, clip_denoised, threshold)
+        pred, _ = _denoise(denoiser, process, x, i, clip_denoised, threshold)
         if i == 0:  # step to abar = 1: sigma_t = 0, exp(-h) = 0, so x_t = x0_hat
             x = pred.x0
             break
@@ -160,7 +156,7 @@ def heun_sample(
         scale = float(diffusion.sqrt_alphas_cumprod[k])
         x_vp = x * scale
         pred = denoiser(x_vp, diffusion.timesteps[idx].to(x.device))
-        return _samplers.process_prediction(pred, diffusion, x_vp, idx, clip_denoised, threshold).x0
+        return process_prediction(pred, diffusion, x_vp, idx, clip_denoised, threshold).x0
 
     x = x_T / float(diffusion.sqrt_alphas_cumprod[idxs[0]])
     gamma_max = min(s_churn / n, math.sqrt(2.0) - 1.0)
@@ -172,7 +168,7 @@ def heun_sample(
             target = torch.tensor([sigma * (1.0 + gamma_max)], dtype=torch.float64)
             k = max(int(nearest_timesteps(target, diffusion)), k)
             sigma_hat = float(table[k])
-            x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * _samplers._randn_like(x, generator)
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * _randn_like(x, generator)
             sigma = sigma_hat
         x0 = denoise(x, k)
         if i == n - 1:  # sigma_next = 0: Euler, x + (0 - sigma) d = D(x; sigma)
