@@ -135,6 +135,32 @@ def test_resume_mid_epoch_continues_exactly(compose_train, image_folder, tmp_pat
     )
 
 
+@pytest.mark.parametrize("first_chunk", [3, 4], ids=["mid-epoch", "epoch-end"])
+@pytest.mark.parametrize("recipe", [[], ["model=iddpm", "model.net.out_channels=2"]], ids=["ddpm", "iddpm"])
+def test_training_in_chunks_continues_exactly(compose_train, image_folder, tmp_path, recipe, first_chunk):
+    """A run that *ended* at max_steps=3 (mid-epoch) or 4 (the end of epoch 0), continued from its last.ckpt with
+    max_steps=8, ends where a straight 8-step run ends. This is how scripts/fmnist_ddpm_vs_iddpm.sh trains in
+    chunks (UNTIL=...) that fit time-limited jobs; a periodic checkpoint of the same run is tested above."""
+    base = _fit_overrides(image_folder, max_epochs=-1, val_check_interval=2) + recipe + ["data.random_flip=true"]
+    straight = train(compose_train(base + ["trainer.max_steps=8"]))
+    assert straight["trainer"].global_step == 8
+
+    first_cfg = compose_train(base + [f"trainer.max_steps={first_chunk}"])
+    with open_dict(first_cfg):
+        first_cfg.paths.output_dir = str(tmp_path / "chunk")
+    train(first_cfg)
+    last = tmp_path / "chunk" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == first_chunk
+    continued_cfg = compose_train(base + ["trainer.max_steps=8", f"ckpt_path={last}"])
+    with open_dict(continued_cfg):
+        continued_cfg.paths.output_dir = str(tmp_path / "chunk")  # the same run folder, as the script does
+    assert train(continued_cfg)["trainer"].global_step == 8
+    _assert_same_training_state(
+        load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+        load_checkpoint(tmp_path / "chunk" / "checkpoints" / "last.ckpt"),
+    )
+
+
 def test_sample_entry_from_checkpoint(compose_train, image_folder, tmp_path):
     from diffusion_lightning.sample import sample_from_config
 

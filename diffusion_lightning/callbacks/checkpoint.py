@@ -1,18 +1,34 @@
-"""Checkpointing: Lightning's ModelCheckpoint, with ``last.ckpt`` always at the final step."""
+"""Checkpointing: Lightning's ModelCheckpoint, with ``last.ckpt`` always at the final step and resumable exactly."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 
 
 class ModelCheckpoint(_ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``; at the end of training it also writes ``last.ckpt`` when the
-    last periodic save (``every_n_train_steps``) came before the final step, which Lightning skips
-    once any ``last.ckpt`` has been written. Not called after an exception (a NaN loss, say), so the
-    last good checkpoint stays."""
+    """Lightning's ``ModelCheckpoint`` with two fixes to ``last.ckpt`` (``save_last=True``):
+
+    * a run that stops at ``max_steps`` writes it at the end of its final batch, like a periodic save. Lightning's
+      own save at the end of training comes after the loop has closed the epoch, so a run continued from it with a
+      larger ``max_steps`` would skip the rest of that epoch's batches; from the batch-end checkpoint it goes on
+      exactly as if uninterrupted (training in chunks);
+    * at the end of training it is written when the last periodic save (``every_n_train_steps``) came before the
+      final step, which Lightning skips once any ``last.ckpt`` has been written.
+
+    Neither runs after an exception (a NaN loss, say), so the last good checkpoint stays."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._save_last_if_due(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_last_if_due(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def _save_last_if_due(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        super().on_train_end(trainer, pl_module)
