@@ -40,6 +40,7 @@ def test_iddpm_cifar_experiment_is_the_paper_setup(compose_train, tmp_path):
     assert (m.num_timesteps, m.beta_schedule, m.loss_type, m.lr) == (4000, "cosine", "hybrid", 1e-4)
     assert (m.net.model_channels, m.net.num_res_blocks, m.net.dropout, m.net.out_channels) == (128, 3, 0.3, 6)
     assert cfg.data.batch_size == 128
+    assert cfg.trainer.gradient_clip_val is None  # the reference code does not clip (DDPM's clips at 1)
 
 
 def test_learned_variance_needs_2c_outputs(compose_train, image_folder):
