@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -159,6 +160,18 @@ def test_training_in_chunks_continues_exactly(compose_train, image_folder, tmp_p
         load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt"),
         load_checkpoint(tmp_path / "chunk" / "checkpoints" / "last.ckpt"),
     )
+
+
+def test_grad_norm_is_logged_before_clipping(compose_train, image_folder, tmp_path):
+    """train/grad_norm is the global norm before clipping: with a clip of 1e-6 it still shows the real size."""
+    cfg = compose_train(
+        _fit_overrides(image_folder, max_steps=3, gradient_clip_val=1e-6, log_every_n_steps=1)
+    )
+    train(cfg)
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r.get("train/grad_norm")]
+    assert len(norms) == 3
+    assert all(1e-3 < n < 1e3 for n in norms), norms
 
 
 def test_sample_entry_from_checkpoint(compose_train, image_folder, tmp_path):

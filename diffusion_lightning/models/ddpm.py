@@ -137,6 +137,12 @@ class DDPM(L.LightningModule):
                     on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
                 )
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the global gradient norm before any clipping (``train/grad_norm``, as the papers' code logs it)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), batch_size=1)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(
