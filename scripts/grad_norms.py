@@ -60,7 +60,7 @@ def main() -> None:
         terms = model.loss_terms(x0, y)
         weighted = terms["loss"] * terms["weights"] if "weights" in terms else terms["loss"]
         loss = weighted.mean()
-        row = {"step": step, "loss": float(loss)}
+        row = {"step": step, "loss": loss.item()}
         if "mse" in terms and "vlb" in terms and step % args.split_every == 0:
             mse = terms["mse"].mean()
             row |= {"mse_grad_norm": norm_of(mse), "vlb_grad_norm": norm_of(loss - mse)}
