@@ -61,7 +61,7 @@ def main() -> None:
         weighted = terms["loss"] * terms["weights"] if "weights" in terms else terms["loss"]
         loss = weighted.mean()
         row = {"step": step, "loss": loss.item()}
-        if "mse" in terms and "vlb" in terms and step % args.split_every == 0:
+        if "vlb" in terms and terms["mse"].requires_grad and step % args.split_every == 0:  # L_hybrid
             mse = terms["mse"].mean()
             row |= {"mse_grad_norm": norm_of(mse), "vlb_grad_norm": norm_of(loss - mse)}
         optimizer.zero_grad()
