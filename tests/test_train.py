@@ -152,9 +152,13 @@ def test_training_in_chunks_continues_exactly(compose_train, image_folder, tmp_p
     train(first_cfg)
     last = tmp_path / "chunk" / "checkpoints" / "last.ckpt"
     assert load_checkpoint(last)["global_step"] == first_chunk
-    continued_cfg = compose_train(base + ["trainer.max_steps=8", f"ckpt_path={last}"])
+    # The same run folder, as the script does, and another checkpoint interval (the script's grows with STEPS):
+    # last.ckpt must still be overwritten, not left stale beside a last-v1.ckpt.
+    continued_cfg = compose_train(
+        base + ["trainer.max_steps=8", f"ckpt_path={last}", "callbacks.model_checkpoint.every_n_train_steps=5"]
+    )
     with open_dict(continued_cfg):
-        continued_cfg.paths.output_dir = str(tmp_path / "chunk")  # the same run folder, as the script does
+        continued_cfg.paths.output_dir = str(tmp_path / "chunk")
     assert train(continued_cfg)["trainer"].global_step == 8
     _assert_same_training_state(
         load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt"),

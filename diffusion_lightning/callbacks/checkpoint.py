@@ -16,9 +16,16 @@ class ModelCheckpoint(_ModelCheckpoint):
       larger ``max_steps`` would skip the rest of that epoch's batches; from the batch-end checkpoint it goes on
       exactly as if uninterrupted (training in chunks);
     * at the end of training it is written when the last periodic save (``every_n_train_steps``) came before the
-      final step, which Lightning skips once any ``last.ckpt`` has been written.
+      final step, which Lightning skips once any ``last.ckpt`` has been written;
+    * ``enable_version_counter`` defaults to False, so a run continued in its own folder overwrites ``last.ckpt``.
+      Lightning otherwise keys its saved state by the constructor arguments: a continuation with another
+      ``every_n_train_steps`` did not recognise its ``last.ckpt``, wrote ``last-v1.ckpt`` and left a stale
+      ``last.ckpt`` behind. Periodic files are named by their step, so they do not collide within a run.
 
     Neither runs after an exception (a NaN loss, say), so the last good checkpoint stays."""
+
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
