@@ -87,6 +87,10 @@ if [[ $phases == *" train "* ]]; then
             +trainer.enable_progress_bar=false "hydra.run.dir=$out/$exp"
     done
     wait_all
+    for exp in ddpm_fmnist iddpm_fmnist; do  # evaluate only what was trained: last.ckpt must be at UNTIL
+        at=$(global_step "$(ckpt $exp)")
+        [ "$at" -ge "$until_step" ] || { echo "error: $(ckpt $exp) is at step $at, not $until_step"; exit 1; }
+    done
     if [ "$until_step" -lt "$steps" ]; then
         echo "trained to step $until_step of $steps: call again with a larger UNTIL (or none) to go on"
         exit 0
