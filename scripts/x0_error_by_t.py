@@ -1,0 +1,50 @@
+"""How well checkpoints predict x_0 and eps at chosen timesteps, on real test images.
+
+Usage: python scripts/x0_error_by_t.py CKPT [CKPT ...] [--t 0 100 500 900 980 995 999] [--images 256]
+Prints, per checkpoint and t: alpha_bar_t, the eps MSE, the RMSE of the predicted x_0 (before any clipping; an
+eps error is multiplied by sqrt((1 - alpha_bar) / alpha_bar) there) and its largest magnitude. The data set is
+the one the checkpoint was trained on (its run config).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from hydra.utils import instantiate
+
+import diffusion_lightning  # noqa: F401  (registers the config resolvers)
+from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ckpts", nargs="+")
+    parser.add_argument("--t", type=int, nargs="+", default=[0, 100, 500, 900, 980, 995, 999])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for path in args.ckpts:
+        data_cfg = load_checkpoint(path)["run_config"]["data"]
+        datamodule = instantiate({**data_cfg, "num_workers": 0})
+        datamodule.prepare_data()
+        dataset = datamodule.dataset("test")
+        x0 = torch.stack([dataset[i][0] for i in range(min(args.images, len(dataset)))])
+        model = model_from_checkpoint(path, ema=True).eval()
+        diffusion, denoise = model.diffusion, model.denoiser()
+        g = torch.Generator().manual_seed(args.seed)
+        print(path)
+        for t in args.t:
+            tt = torch.full((len(x0),), t, dtype=torch.long)
+            eps = torch.randn(x0.shape, generator=g)
+            with torch.no_grad():
+                pred = denoise(diffusion.q_sample(x0, tt, eps), tt)
+            print(
+                f"  t={t:5d}  alpha_bar={float(diffusion.alphas_cumprod[t]):.2e}  "
+                f"eps_mse={float(((pred.eps - eps) ** 2).mean()):.4f}  "
+                f"x0_rmse={float(((pred.x0 - x0) ** 2).mean().sqrt()):.2f}  x0_absmax={float(pred.x0.abs().max()):.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
