@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 
 
 class ModelCheckpoint(_ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` with two fixes to ``last.ckpt`` (``save_last=True``):
+    """Lightning's ``ModelCheckpoint`` with three fixes to ``last.ckpt`` (``save_last=True``):
 
     * a run that stops at ``max_steps`` writes it at the end of its final batch, like a periodic save. Lightning's
       own save at the end of training comes after the loop has closed the epoch, so a run continued from it with a
@@ -22,7 +22,7 @@ class ModelCheckpoint(_ModelCheckpoint):
       ``every_n_train_steps`` did not recognise its ``last.ckpt``, wrote ``last-v1.ckpt`` and left a stale
       ``last.ckpt`` behind. Periodic files are named by their step, so they do not collide within a run.
 
-    Neither runs after an exception (a NaN loss, say), so the last good checkpoint stays."""
+    No save runs after an exception (a NaN loss, say), so the last good checkpoint stays."""
 
     def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
