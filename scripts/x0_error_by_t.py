@@ -1,9 +1,12 @@
 """How well checkpoints predict x_0 and eps at chosen timesteps, on real test images.
 
 Usage: python scripts/x0_error_by_t.py CKPT [CKPT ...] [--t 0 100 500 900 980 995 999] [--images 256]
+       python scripts/x0_error_by_t.py CKPT [CKPT ...] --alpha-bar 0.5 0.1 0.02 0.005
 Prints, per checkpoint and t: alpha_bar_t, the eps MSE, the RMSE of the predicted x_0 (before any clipping; an
-eps error is multiplied by sqrt((1 - alpha_bar) / alpha_bar) there) and its largest magnitude. The data set is
-the one the checkpoint was trained on (its run config).
+eps error is multiplied by sqrt((1 - alpha_bar) / alpha_bar) there), its mean signed error (the bias: positive
+means too bright), the RMSE after clipping to [-1, 1], and its largest magnitude. With --alpha-bar, each
+checkpoint is probed at its own t nearest to each alpha_bar, which compares schedules at equal noise levels.
+The data set is the one the checkpoint was trained on (its run config).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpts", nargs="+")
     parser.add_argument("--t", type=int, nargs="+", default=[0, 100, 500, 900, 980, 995, 999])
+    parser.add_argument("--alpha-bar", type=float, nargs="+", help="probe at the t nearest these alpha_bar")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -34,7 +38,11 @@ def main() -> None:
         diffusion, denoise = model.diffusion, model.denoiser()
         g = torch.Generator().manual_seed(args.seed)
         print(path)
-        for t in args.t:
+        ts = args.t
+        if args.alpha_bar:  # nearest in log alpha_bar
+            log_ab = diffusion.alphas_cumprod.double().log()
+            ts = [int((log_ab - torch.tensor(a).double().log()).abs().argmin()) for a in args.alpha_bar]
+        for t in ts:
             tt = torch.full((len(x0),), t, dtype=torch.long)
             eps = torch.randn(x0.shape, generator=g)
             with torch.no_grad():
@@ -42,7 +50,10 @@ def main() -> None:
             print(
                 f"  t={t:5d}  alpha_bar={float(diffusion.alphas_cumprod[t]):.2e}  "
                 f"eps_mse={float(((pred.eps - eps) ** 2).mean()):.4f}  "
-                f"x0_rmse={float(((pred.x0 - x0) ** 2).mean().sqrt()):.2f}  x0_absmax={float(pred.x0.abs().max()):.1f}"
+                f"x0_rmse={float(((pred.x0 - x0) ** 2).mean().sqrt()):.2f}  "
+                f"x0_bias={float((pred.x0 - x0).mean()):+.3f}  "
+                f"clipped_rmse={float(((pred.x0.clamp(-1, 1) - x0) ** 2).mean().sqrt()):.3f}  "
+                f"x0_absmax={float(pred.x0.abs().max()):.1f}"
             )
 
 

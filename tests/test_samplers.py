@@ -13,6 +13,7 @@ import torch
 from diffusion_lightning.diffusion import (
     GaussianDiffusion,
     ModelPrediction,
+    cosine_beta_schedule,
     dynamic_threshold,
     gaussian_data_denoiser,
     linear_beta_schedule,
@@ -65,16 +66,19 @@ def propagate_ddim(abars: list[float], mu: float, s: float, eta: float) -> tuple
     return m, v
 
 
-def run(name: str, mu: float, s: float, seed: int = 0, **kwargs) -> torch.Tensor:
-    diffusion = GaussianDiffusion(linear_beta_schedule(1000))
+SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+
+
+def run(name: str, mu: float, s: float, seed: int = 0, schedule: str = "linear", **kwargs) -> torch.Tensor:
+    diffusion = GaussianDiffusion(SCHEDULES[schedule](1000))
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(N, D, generator=g, dtype=torch.float64)
     denoiser = gaussian_data_denoiser(diffusion, mu, s)
     return sample(name, denoiser, diffusion, x_T, generator=g, clip_denoised=False, **kwargs)
 
 
-def abars_for(steps: int | str) -> list[float]:
-    abar = torch.cumprod(1 - linear_beta_schedule(1000), 0)
+def abars_for(steps: int | str, schedule: str = "linear") -> list[float]:
+    abar = torch.cumprod(1 - SCHEDULES[schedule](1000).double(), 0)
     return [abar[t].item() for t in space_timesteps(1000, steps)]
 
 
@@ -117,12 +121,24 @@ def test_ddim_eta0_is_deterministic_and_ddpm_respaced_matches():
     assert_moments(x, m, v)
 
 
+@pytest.mark.parametrize("steps", [1000, 50, "ddim50"])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm_on_the_cosine_schedule_matches_exact_moments(steps, variance):
+    """The cosine schedule's last step (beta clipped at 0.999, alpha_bar_999 = 2.4e-9) and its large
+    respaced first step must not bias the chain."""
+    mu, s = 0.2, 0.6
+    x = run("ddpm", mu, s, schedule="cosine", steps=steps, variance_type=variance)
+    m, v = propagate_ddpm(abars_for(steps, "cosine"), mu, s, variance)
+    assert_moments(x, m, v)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("v_out", [-1.0, 0.3, 1.0])
-def test_learned_range_variance_on_a_respaced_chain_matches_exact_moments(v_out):
+def test_learned_range_variance_on_a_respaced_chain_matches_exact_moments(v_out, schedule):
     """A 2C-output model whose variance channel says v: with 25 respaced steps the sampler must
     interpolate between the *respaced* chain's beta and beta~ (iDDPM eq. 15 and Sec. 4)."""
     mu, s = 0.2, 0.6
-    diffusion = GaussianDiffusion(linear_beta_schedule(1000))
+    diffusion = GaussianDiffusion(SCHEDULES[schedule](1000))
     exact = gaussian_data_denoiser(diffusion, mu, s)
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> ModelPrediction:
@@ -133,10 +149,10 @@ def test_learned_range_variance_on_a_respaced_chain_matches_exact_moments(v_out)
     x_T = torch.randn(N, D, generator=g, dtype=torch.float64)
     x = sample("ddpm", denoiser, diffusion, x_T, steps=25, variance_type="learned_range", generator=g,
                clip_denoised=False)  # fmt: skip
-    m, v = propagate_ddpm(abars_for(25), mu, s, (v_out + 1) / 2)
+    m, v = propagate_ddpm(abars_for(25, schedule), mu, s, (v_out + 1) / 2)
     assert_moments(x, m, v)
     # the respaced beta and beta~ differ enough at 25 steps for the three cases to be told apart
-    lo, hi = propagate_ddpm(abars_for(25), mu, s, 0.0)[1], propagate_ddpm(abars_for(25), mu, s, 1.0)[1]
+    lo, hi = (propagate_ddpm(abars_for(25, schedule), mu, s, frac)[1] for frac in (0.0, 1.0))
     assert hi / lo > 1.1
 
 
