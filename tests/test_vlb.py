@@ -199,6 +199,37 @@ def test_hybrid_loss_stops_the_vlb_gradient_on_the_mean(prediction_type):
     assert g[:, :C].abs().sum() > 0 and g[:, C:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("t,x0_error", [(1, 0.01), (3, 0.02), (20, 0.05)])
+def test_vlb_term_trains_the_variance_towards_the_kl_optimum(t, x0_error):
+    """For t > 0, L_t as a function of the learned v is minimised where the reverse variance equals
+    beta~_t + coef1_t^2 mean((x0_hat - x_0)^2): the posterior variance plus the mean's squared error
+    (per-dim Gaussian KL, DDPM eq. 7). So L_vlb drives frac = (v + 1) / 2 to
+    (log(that) - log beta~) / (log beta - log beta~), which scripts/x0_error_by_t.py reports as opt_frac."""
+    d = linear_process()
+    g = torch.Generator().manual_seed(t)
+    x0 = torch.rand(4, 1, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
+    tt = torch.full((4,), t)
+    x_t = d.q_sample(x0, tt, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    x0_hat = x0 + x0_error * torch.randn(x0.shape, generator=g, dtype=torch.float64)  # an imperfect mean
+    abar = abar_of(d).double()
+    A, A_prev = abar[t].item(), abar[t - 1].item()
+    beta, beta_tilde = 1 - A / A_prev, (1 - A / A_prev) * (1 - A_prev) / (1 - A)
+    coef1 = beta * math.sqrt(A_prev) / (1 - A)
+    optimum = beta_tilde + coef1**2 * ((x0_hat - x0) ** 2).mean().item()
+    frac_star = (math.log(optimum) - math.log(beta_tilde)) / (math.log(beta) - math.log(beta_tilde))
+    assert 0.05 < frac_star < 0.95  # an interior optimum: the check below can fail either way
+
+    def loss(frac: float) -> float:
+        v = torch.full_like(x0, 2 * frac - 1)
+        pred = ModelPrediction(x0_hat, d.predict_eps_from_x0(x_t, tt, x0_hat), v)
+        return vlb_terms(d, pred, x0, x_t, tt, "learned_range").mean().item()
+
+    fracs = np.linspace(0, 1, 2001)
+    best = fracs[np.argmin([loss(f) for f in fracs])]
+    assert best == pytest.approx(frac_star, abs=1e-3)
+    assert loss(frac_star) < min(loss(frac_star - 0.05), loss(frac_star + 0.05))
+
+
 def test_loss_scales_match_the_reference():
     d, x0, x_t, t, noise, out = _loss_inputs(1)
     T = d.num_timesteps
