@@ -31,7 +31,7 @@ from .nets import UNet
 
 # The default experiment's network (conf/experiment/ddpm_fmnist.yaml).
 NET = dict(image_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-           attention_resolutions=(), dropout=0.0)
+           attention_resolutions=(), dropout=0.0, num_groups=8)
 
 
 def _model() -> DDPM:

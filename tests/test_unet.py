@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from diffusion_lightning.nets import UNet
+from diffusion_lightning.nets.unet import ResBlock
 
 TINY = dict(image_size=16, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
             attention_resolutions=(8,), num_groups=8)
@@ -96,6 +99,23 @@ def test_bad_attention_resolution() -> None:
 def test_bad_num_groups() -> None:
     with pytest.raises(ValueError, match="num_groups=32"):
         UNet(model_channels=48, channel_mult=(1, 2), attention_resolutions=())
+
+
+def test_one_channel_groups_would_erase_the_time_embedding() -> None:
+    """Why the U-Net refuses one channel per GroupNorm group with the additive embedding: the ResBlock's
+    out_norm(h + emb) then removes every channel's mean, emb included, so its output ignores t (this once
+    left a 32-channel Fashion-MNIST model's learned variance flat in t; docs/results.md)."""
+    torch.manual_seed(0)
+    block = perturb_(ResBlock(8, 8, emb_ch=16, dropout=0.0, num_groups=8)).eval()
+    x, e1, e2 = torch.randn(2, 8, 8, 8), torch.randn(2, 16), torch.randn(2, 16)
+    torch.testing.assert_close(block(x, e1), block(x, e2))  # t is lost
+    grouped = perturb_(ResBlock(8, 8, emb_ch=16, dropout=0.0, num_groups=4)).eval()
+    assert (grouped(x, e1) - grouped(x, e2)).abs().max() > 1e-2  # two channels per group keep it
+    with pytest.warns(UserWarning, match="erases the additive time embedding.*num_groups=8"):
+        UNet(model_channels=32, channel_mult=(1, 2), num_groups=32, attention_resolutions=())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FiLM conditioning acts after the norm: no warning
+        UNet(model_channels=32, channel_mult=(1, 2), num_groups=32, attention_resolutions=(), use_scale_shift_norm=True)
 
 
 def test_bad_input_shape_in_forward() -> None:

@@ -8,6 +8,7 @@ class conditioning, FiLM-style ``use_scale_shift_norm`` and residual up/down-sam
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -128,7 +129,8 @@ class UNet(nn.Module):
         num_classes: if set, a learned class embedding is added to the time embedding and ``y`` is required.
         use_scale_shift_norm: ADM's FiLM conditioning instead of DDPM's additive time bias.
         resblock_updown: resample with ResBlocks (ADM) instead of plain (strided/upsampling) convs.
-        num_groups: GroupNorm groups; every level's width must be divisible by it.
+        num_groups: GroupNorm groups; every level's width must be divisible by it, and with the additive
+            embedding hold at least 2 channels per group (a one-channel group erases the embedding).
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, out_channels: int | None = None,
@@ -155,6 +157,17 @@ class UNet(nn.Module):
             raise ValueError(
                 f"level widths {bad_w} (model_channels * channel_mult) are not divisible by num_groups={num_groups}: "
                 f"change model_channels or num_groups"
+            )
+        if not use_scale_shift_norm and (narrow := [model_channels * m for m in channel_mult
+                                                     if model_channels * m == num_groups]):
+            # The additive embedding is one constant per channel, and a one-channel group subtracts each channel's
+            # mean: the ResBlock's out_norm(h + emb) erases the time (and class) embedding at those levels. A warning,
+            # not an error, so that checkpoints trained so still load.
+            warnings.warn(
+                f"num_groups={num_groups} puts one channel per GroupNorm group at level widths {narrow}, which "
+                f"erases the additive time embedding there: use num_groups={max(1, num_groups // 4)} (or any value "
+                f"with at least 2 channels per group), or use_scale_shift_norm=true",
+                stacklevel=2,
             )
         self.image_size, self.in_channels = image_size, in_channels
         self.out_channels = out_channels or in_channels
