@@ -142,7 +142,9 @@ def test_training_in_chunks_continues_exactly(compose_train, image_folder, tmp_p
     """A run that *ended* at max_steps=3 (mid-epoch) or 4 (the end of epoch 0), continued from its last.ckpt with
     max_steps=8, ends where a straight 8-step run ends. This is how scripts/fmnist_ddpm_vs_iddpm.sh trains in
     chunks (UNTIL=...) that fit time-limited jobs; a periodic checkpoint of the same run is tested above."""
-    base = _fit_overrides(image_folder, max_epochs=-1, val_check_interval=2) + recipe + ["data.random_flip=true"]
+    base = _fit_overrides(image_folder, max_epochs=-1, val_check_interval=2, log_every_n_steps=1) + recipe + [
+        "data.random_flip=true"
+    ]
     straight = train(compose_train(base + ["trainer.max_steps=8"]))
     assert straight["trainer"].global_step == 8
 
@@ -160,6 +162,10 @@ def test_training_in_chunks_continues_exactly(compose_train, image_folder, tmp_p
     with open_dict(continued_cfg):
         continued_cfg.paths.output_dir = str(tmp_path / "chunk")
     assert train(continued_cfg)["trainer"].global_step == 8
+    # Both chunks' metrics survive in the run folder (Lightning deletes a metrics.csv it would write over).
+    files = (tmp_path / "chunk" / "csv").rglob("metrics.csv")
+    logged = {int(row["step"]) for f in files for row in csv.DictReader(f.open())}
+    assert min(logged) < first_chunk <= max(logged), logged
     _assert_same_training_state(
         load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt"),
         load_checkpoint(tmp_path / "chunk" / "checkpoints" / "last.ckpt"),
@@ -172,7 +178,7 @@ def test_grad_norm_is_logged_before_clipping(compose_train, image_folder, tmp_pa
         _fit_overrides(image_folder, max_steps=3, gradient_clip_val=1e-6, log_every_n_steps=1)
     )
     train(cfg)
-    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+    with open(tmp_path / "run" / "csv" / "version_0" / "metrics.csv") as f:
         norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r.get("train/grad_norm")]
     assert len(norms) == 3
     assert all(1e-3 < n < 1e3 for n in norms), norms
