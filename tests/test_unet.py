@@ -102,7 +102,7 @@ def test_bad_num_groups() -> None:
 
 
 def test_one_channel_groups_would_erase_the_time_embedding() -> None:
-    """Why the U-Net refuses one channel per GroupNorm group with the additive embedding: the ResBlock's
+    """Why the U-Net warns on one channel per GroupNorm group with the additive embedding: the ResBlock's
     out_norm(h + emb) then removes every channel's mean, emb included, so its output ignores t (this once
     left a 32-channel Fashion-MNIST model's learned variance flat in t; docs/results.md)."""
     torch.manual_seed(0)
