@@ -1,6 +1,7 @@
 """Benchmarks: ``python -m diffusion_lightning.bench [--out FILE] [--steps N] [--batch B]``.
 
-Measures, in one run on the same model, batch and loss:
+Measures, in one run on the default experiment's model (``ddpm_fmnist``, composed from ``conf/`` with its
+network, optimiser and EMA decay), batch and loss:
 - training throughput (images/s) of the ``DDPM`` LightningModule under ``Trainer.fit`` and of a plain
   PyTorch loop doing the same work (forward, L_simple, backward, grad clip, AdamW, EMA update), and
   their ratio (the Lightning overhead);
@@ -13,6 +14,7 @@ Results go to a JSON file (default ``outputs/bench/bench.json``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -22,26 +24,37 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from .callbacks import EMA
 from .callbacks.ema import ema_decay
 from .models import DDPM
-from .nets import UNet
 
-# The default experiment's network (conf/experiment/ddpm_fmnist.yaml).
-NET = dict(image_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-           attention_resolutions=(), dropout=0.0, num_groups=8)
+EXPERIMENT = "ddpm_fmnist"  # the default experiment (`make train`), composed from conf/ as train.py composes it
+
+
+@functools.cache
+def _config() -> DictConfig:
+    with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={EXPERIMENT}"])
 
 
 def _model() -> DDPM:
     torch.manual_seed(0)
-    return DDPM(UNet(**NET), lr=1e-3, warmup_steps=100)
+    return instantiate(_config().model)
+
+
+def _ema_decay() -> float:
+    return _config().callbacks.ema.decay
 
 
 def _data(batch: int, steps: int) -> TensorDataset:
+    c, s = _config().model.net.in_channels, _config().data.image_size
     g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.rand(batch * steps, 1, 32, 32, generator=g) * 2 - 1, torch.zeros(batch * steps).long())
+    return TensorDataset(torch.rand(batch * steps, c, s, s, generator=g) * 2 - 1, torch.zeros(batch * steps).long())
 
 
 class _Timer(L.Callback):
@@ -63,7 +76,7 @@ def lightning_throughput(batch: int, steps: int, warmup: int) -> float:
     timer = _Timer(warmup)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps + warmup, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[EMA(decay=0.999), timer],
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[EMA(decay=_ema_decay()), timer],
         limit_val_batches=0, num_sanity_val_steps=0,
     )
     loader = DataLoader(_data(batch, steps + warmup), batch_size=batch, shuffle=True)
@@ -89,7 +102,7 @@ def plain_throughput(batch: int, steps: int, warmup: int) -> float:
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - ema_decay(0.999, i, True))
+            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - ema_decay(_ema_decay(), i, True))
     return batch * steps / (time.perf_counter() - start)
 
 
@@ -109,7 +122,7 @@ def nll_throughput(num_images: int, num_strata: int = 20) -> dict[str, Any]:
 
     model = _model().eval()
     g = torch.Generator().manual_seed(0)
-    x0 = torch.rand(num_images, 1, 32, 32, generator=g) * 2 - 1
+    x0 = _data(num_images, 1).tensors[0]
     denoiser, T = model.denoiser(), model.diffusion.num_timesteps
     start = time.perf_counter()
     calc_bpd_stratified(denoiser, model.diffusion, x0, model.variance_type, num_strata, generator=g)
@@ -166,7 +179,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
-        "model": {"net": NET, "params": sum(p.numel() for p in _model().parameters())},
+        "model": {
+            "experiment": EXPERIMENT, "net": OmegaConf.to_container(_config().model.net, resolve=True),
+            "params": sum(p.numel() for p in _model().parameters())},
         "train": {
             "batch": args.batch, "timed_steps": args.steps,
             "lightning_images_per_s": round(lightning_ips, 2), "plain_images_per_s": round(plain_ips, 2),
