@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m diffusion_lightning.bench [--out FILE] [--steps N] [--batch B]``.
 
 Measures, in one run on the default experiment's model (``ddpm_fmnist``, composed from ``conf/`` with its
-network, optimiser and EMA decay), batch and loss:
+network, optimiser, EMA decay and gradient clipping), batch and loss:
 - training throughput (images/s) of the ``DDPM`` LightningModule under ``Trainer.fit`` and of a plain
   PyTorch loop doing the same work (forward, L_simple, backward, grad clip, AdamW, EMA update), and
   their ratio (the Lightning overhead);
@@ -51,6 +51,10 @@ def _ema_decay() -> float:
     return _config().callbacks.ema.decay
 
 
+def _clip() -> float:
+    return _config().trainer.gradient_clip_val
+
+
 def _data(batch: int, steps: int) -> TensorDataset:
     c, s = _config().model.net.in_channels, _config().data.image_size
     g = torch.Generator().manual_seed(0)
@@ -75,9 +79,9 @@ def lightning_throughput(batch: int, steps: int, warmup: int) -> float:
     model = _model()
     timer = _Timer(warmup)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps + warmup, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[EMA(decay=_ema_decay()), timer],
-        limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu", max_steps=steps + warmup, gradient_clip_val=_clip(), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[EMA(decay=_ema_decay()), timer], limit_val_batches=0, num_sanity_val_steps=0,
     )
     loader = DataLoader(_data(batch, steps + warmup), batch_size=batch, shuffle=True)
     trainer.fit(model, train_dataloaders=loader)
@@ -98,7 +102,7 @@ def plain_throughput(batch: int, steps: int, warmup: int) -> float:
         losses = model.loss_terms(x0, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), _clip())
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
