@@ -47,14 +47,6 @@ def _model() -> DDPM:
     return instantiate(_config().model)
 
 
-def _ema_decay() -> float:
-    return _config().callbacks.ema.decay
-
-
-def _clip() -> float:
-    return _config().trainer.gradient_clip_val
-
-
 def _data(batch: int, steps: int) -> TensorDataset:
     c, s = _config().model.net.in_channels, _config().data.image_size
     g = torch.Generator().manual_seed(0)
@@ -76,12 +68,12 @@ class _Timer(L.Callback):
 
 
 def lightning_throughput(batch: int, steps: int, warmup: int) -> float:
-    model = _model()
+    model, cfg = _model(), _config()
     timer = _Timer(warmup)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps + warmup, gradient_clip_val=_clip(), logger=False,
+        accelerator="cpu", max_steps=steps + warmup, gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[EMA(decay=_ema_decay()), timer], limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[EMA(decay=cfg.callbacks.ema.decay), timer], limit_val_batches=0, num_sanity_val_steps=0,
     )
     loader = DataLoader(_data(batch, steps + warmup), batch_size=batch, shuffle=True)
     trainer.fit(model, train_dataloaders=loader)
@@ -90,6 +82,7 @@ def lightning_throughput(batch: int, steps: int, warmup: int) -> float:
 
 def plain_throughput(batch: int, steps: int, warmup: int) -> float:
     model = _model()
+    clip, decay = _config().trainer.gradient_clip_val, _config().callbacks.ema.decay  # read once, off the timed loop
     opt = model.configure_optimizers()
     optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
     ema = [p.detach().clone() for p in model.parameters()]
@@ -102,11 +95,11 @@ def plain_throughput(batch: int, steps: int, warmup: int) -> float:
         losses = model.loss_terms(x0, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), _clip())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - ema_decay(_ema_decay(), i, True))
+            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - ema_decay(decay, i, True))
     return batch * steps / (time.perf_counter() - start)
 
 
