@@ -1,0 +1,108 @@
+"""FID of a learned-variance checkpoint sampled with the KL-optimal variance of each step of the chain.
+
+Usage: python scripts/oracle_variance_fid.py ckpt=PATH steps=50 [any diffusion_lightning.evaluate override]
+
+An ablation, not a sampler: it asks how much of a respaced chain's sample quality is lost to the variance
+alone. Before sampling, each step i > 0 of the respaced chain (``steps``) gets the frac of iDDPM eq. 15 (0: that
+chain's beta~, 1: its beta) whose variance beta~ + coef1^2 E[(clip(x0_hat) - x_0)^2] minimises the step's KL
+term given the network's own mean, measured on --oracle-images test images (the estimate of
+scripts/x0_error_by_t.py, here with the clipped x_0 the sampler uses). The network's mean is kept; its
+variance output v is replaced by 2 frac - 1. The rest is ``diffusion_lightning.evaluate`` (same overrides, same
+JSON line, with ``oracle_frac`` added to it).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+import diffusion_lightning.evaluate as evaluate_entry
+from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
+from diffusion_lightning.diffusion import space_timesteps
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _override(name: str, default: str | None = None) -> str | None:
+    for arg in sys.argv[1:]:
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+@torch.no_grad()
+def optimal_fracs(model: torch.nn.Module, x0: torch.Tensor, steps: int | str, seed: int = 0) -> dict[int, float]:
+    """{original t: KL-optimal frac} for every step i > 0 of the respaced chain."""
+    diffusion, denoise = model.diffusion, model.denoiser()
+    chain_t = space_timesteps(diffusion.num_timesteps, steps)
+    chain = diffusion.respace(chain_t)
+    g = torch.Generator().manual_seed(seed)
+    fracs = {}
+    for i, t in enumerate(chain_t):
+        if i == 0:
+            continue  # the decoder step: sampling returns its mean
+        tt = torch.full((len(x0),), t, dtype=torch.long)
+        x_t = diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=g))
+        mse = float(((denoise(x_t, tt).x0.clamp(-1, 1) - x0) ** 2).mean())
+        beta, beta_tilde = float(chain.betas[i]), float(chain.posterior_variance[i])
+        optimum = beta_tilde + float(chain.posterior_mean_coef1[i]) ** 2 * mse
+        fracs[t] = math.log(optimum / beta_tilde) / math.log(beta / beta_tilde)
+    return fracs
+
+
+def oracle_model(path: str, ema: bool = True, images: int = 256):
+    model = model_from_checkpoint(path, ema=ema).eval()
+    if model.variance_type != "learned_range":
+        raise SystemExit(f"{path}: not a learned-variance (learned_range) checkpoint")
+    data_cfg = load_checkpoint(path)["run_config"]["data"]
+    datamodule = instantiate({**data_cfg, "num_workers": 0})
+    datamodule.prepare_data()
+    dataset = datamodule.dataset("test")
+    x0 = torch.stack([dataset[i][0] for i in range(min(images, len(dataset)))])
+    steps = _override("steps", "50")
+    fracs = optimal_fracs(model, x0, int(steps) if steps.isdigit() else steps)
+    print("oracle frac by t:", {t: round(f, 3) for t, f in fracs.items()})
+    table = torch.full((model.diffusion.num_timesteps,), float("nan"))
+    for t, f in fracs.items():
+        table[t] = f
+    forward = model.forward
+    channels = model.net.in_channels
+
+    def forward_with_oracle_variance(x_t, t, y=None):
+        out = forward(x_t, t, y)
+        frac = table.to(out.device)[t]
+        known = ~torch.isnan(frac)  # t = 0 (and any t off the chain) keeps the network's own v
+        v = torch.where(known[:, None, None, None], (2 * frac.nan_to_num() - 1)[:, None, None, None], out[:, channels:])
+        return torch.cat([out[:, :channels], v.to(out.dtype)], dim=1)
+
+    model.forward = forward_with_oracle_variance
+    model.oracle_fracs = fracs
+    return model
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--oracle-images=")]
+    images = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--oracle-images=")), 256)
+    evaluate_entry.model_from_checkpoint = lambda path, ema=True: oracle_model(path, ema, images)
+    evaluate_fid = evaluate_entry.evaluate_fid
+    evaluate_entry.evaluate_fid = lambda cfg, model, device: {
+        **evaluate_fid(cfg, model, device), "oracle_frac": model.oracle_fracs, "oracle_images": images
+    }
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=args, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(cfg.results).parent)
+        del cfg["hydra"]
+    evaluate_entry.evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
