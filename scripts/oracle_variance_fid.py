@@ -1,6 +1,6 @@
 """FID of a learned-variance checkpoint sampled with the KL-optimal variance of each step of the chain.
 
-Usage: python scripts/oracle_variance_fid.py ckpt=PATH steps=50 [any diffusion_lightning.evaluate override]
+Usage: python scripts/oracle_variance_fid.py ckpt=PATH steps=50 [--oracle-images=256] [any evaluate override]
 
 An ablation, not a sampler: it asks how much of a respaced chain's sample quality is lost to the variance
 alone. Before sampling, each step i > 0 of the respaced chain (``steps``) gets the frac of iDDPM eq. 15 (0: that
@@ -30,13 +30,6 @@ from diffusion_lightning.diffusion import space_timesteps
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def _override(name: str, default: str | None = None) -> str | None:
-    for arg in sys.argv[1:]:
-        if arg.startswith(f"{name}="):
-            return arg.split("=", 1)[1]
-    return default
-
-
 @torch.no_grad()
 def optimal_fracs(model: torch.nn.Module, x0: torch.Tensor, steps: int | str, seed: int = 0) -> dict[int, float]:
     """{original t: KL-optimal frac} for every step i > 0 of the respaced chain."""
@@ -57,7 +50,7 @@ def optimal_fracs(model: torch.nn.Module, x0: torch.Tensor, steps: int | str, se
     return fracs
 
 
-def oracle_model(path: str, ema: bool = True, images: int = 256):
+def oracle_model(path: str, ema: bool, images: int, steps: int | str):
     model = model_from_checkpoint(path, ema=ema).eval()
     if model.variance_type != "learned_range":
         raise SystemExit(f"{path}: not a learned-variance (learned_range) checkpoint")
@@ -66,8 +59,7 @@ def oracle_model(path: str, ema: bool = True, images: int = 256):
     datamodule.prepare_data()
     dataset = datamodule.dataset("test")
     x0 = torch.stack([dataset[i][0] for i in range(min(images, len(dataset)))])
-    steps = _override("steps", "50")
-    fracs = optimal_fracs(model, x0, int(steps) if steps.isdigit() else steps)
+    fracs = optimal_fracs(model, x0, steps)
     print("oracle frac by t:", {t: round(f, 3) for t, f in fracs.items()})
     table = torch.full((model.diffusion.num_timesteps,), float("nan"))
     for t, f in fracs.items():
@@ -90,17 +82,17 @@ def oracle_model(path: str, ema: bool = True, images: int = 256):
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--oracle-images=")]
     images = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--oracle-images=")), 256)
-    evaluate_entry.model_from_checkpoint = lambda path, ema=True: oracle_model(path, ema, images)
-    evaluate_fid = evaluate_entry.evaluate_fid
-    evaluate_entry.evaluate_fid = lambda cfg, model, device: {
-        **evaluate_fid(cfg, model, device), "oracle_frac": model.oracle_fracs, "oracle_images": images
-    }
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("evaluate", overrides=args, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(cfg.results).parent)
         del cfg["hydra"]
+    evaluate_entry.model_from_checkpoint = lambda path, ema=True: oracle_model(path, ema, images, cfg.steps)
+    evaluate_fid = evaluate_entry.evaluate_fid
+    evaluate_entry.evaluate_fid = lambda cfg, model, device: {
+        **evaluate_fid(cfg, model, device), "oracle_frac": model.oracle_fracs, "oracle_images": images
+    }
     evaluate_entry.evaluate(cfg)
 
 
