@@ -84,7 +84,7 @@ def plain_throughput(batch: int, steps: int, warmup: int) -> float:
     model = _model()
     clip, decay = _config().trainer.gradient_clip_val, _config().callbacks.ema.decay  # read once, off the timed loop
     opt = model.configure_optimizers()
-    optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+    optimizer, scheduler = opt["optimizer"], opt.get("lr_scheduler", {}).get("scheduler")
     ema = [p.detach().clone() for p in model.parameters()]
     loader = DataLoader(_data(batch, steps + warmup), batch_size=batch, shuffle=True)
     model.train()
@@ -97,7 +97,8 @@ def plain_throughput(batch: int, steps: int, warmup: int) -> float:
         losses.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - ema_decay(decay, i, True))
     return batch * steps / (time.perf_counter() - start)
@@ -106,27 +107,27 @@ def plain_throughput(batch: int, steps: int, warmup: int) -> float:
 def sampling_throughput(num_samples: int, steps: int = 50) -> float:
     model = _model().eval()
     g = torch.Generator().manual_seed(0)
-    model.sample(2, generator=g, name="ddim", steps=2)  # warm-up
+    model.sample(2, generator=g, sampler={"name": "ddim", "steps": 2})  # warm-up
     start = time.perf_counter()
-    model.sample(num_samples, generator=g, name="ddim", steps=steps)
+    model.sample(num_samples, generator=g, sampler={"name": "ddim", "steps": steps})
     return num_samples / (time.perf_counter() - start)
 
 
 def nll_throughput(num_images: int, num_strata: int = 20) -> dict[str, Any]:
     """Images/s of the bound (bits/dim) for the default network with the full T-term loop and the stratified
     estimate, and the projected time for a 10k-image test set."""
-    from .diffusion.vlb import calc_bpd_loop, calc_bpd_stratified
+    from .diffusion.vlb import calc_bpd_loop
 
     model = _model().eval()
     g = torch.Generator().manual_seed(0)
     x0 = _data(num_images, 1).tensors[0]
-    denoiser, T = model.denoiser(), model.diffusion.num_timesteps
+    T = model.diffusion.num_timesteps
     start = time.perf_counter()
-    calc_bpd_stratified(denoiser, model.diffusion, x0, model.variance_type, num_strata, generator=g)
+    model.nll(x0, num_strata=num_strata, generator=g)
     strat_ips = num_images / (time.perf_counter() - start)
     small = model.diffusion.respace(range(0, T, max(1, T // 50)))  # time 50 of the T steps, scale to T
     start = time.perf_counter()
-    calc_bpd_loop(denoiser, small, x0, model.variance_type, generator=g)
+    calc_bpd_loop(model.denoiser(), small, x0, model.variance_type, clip_denoised=True, generator=g)
     full_ips = num_images / ((time.perf_counter() - start) * T / small.num_timesteps)
     return {
         "num_images": num_images, "num_timesteps": T, "num_strata": num_strata,

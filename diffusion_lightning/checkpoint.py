@@ -55,12 +55,36 @@ def check_compatible(checkpoint: dict[str, Any], model: nn.Module, path: str | P
         )
 
 
+def upgrade_run_config(config: dict[str, Any], checkpoint_format: int) -> dict[str, Any]:
+    """The run config of a checkpoint in today's terms, so that an old checkpoint rebuilds the same model.
+
+    Format 1 (before the denoiser contract, issue 14): the model took ``lr``, ``weight_decay``, ``adam_betas`` and
+    ``warmup_steps`` (now the ``optimizer`` / ``lr_scheduler`` partials), and the linear schedule ran from 1e-4 to
+    0.02 for every T (now scaled by 1000 / T as in the improved-DDPM code unless its ends are given: they are pinned).
+    """
+    if checkpoint_format >= 2:
+        return config
+    model = dict(config["model"])
+    if "lr" in model:
+        betas = model.pop("adam_betas", (0.9, 0.999))
+        model["optimizer"] = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": model.pop("lr"),
+                              "betas": list(betas), "weight_decay": model.pop("weight_decay", 0.0)}
+        model["lr_scheduler"] = {"_target_": "diffusion_lightning.models.base.linear_warmup", "_partial_": True,
+                                 "warmup_steps": model.pop("warmup_steps", 5000)}
+    target = str(model.get("_target_", ""))
+    default_schedule = "cosine" if target.endswith("ImprovedDDPM") else "linear"
+    if model.get("beta_schedule", default_schedule) == "linear" and not model.get("beta_kwargs"):
+        model["beta_kwargs"] = {"beta_start": 1e-4, "beta_end": 0.02}
+    return {**config, "model": model}
+
+
 def model_from_checkpoint(path: str | Path, ema: bool = True) -> nn.Module:
     """Rebuild the LightningModule a run saved and load its EMA (default) or raw weights."""
     checkpoint = load_checkpoint(path)
     config = checkpoint.get("run_config")
     if not config or "model" not in config:
         raise CheckpointError(f"{path} has no run_config: it was not written by diffusion_lightning.train")
+    config = upgrade_run_config(config, int(checkpoint.get("format", 1)))
     model = instantiate(config["model"], _convert_="all")
     state = checkpoint["state_dict"]
     if not ema:

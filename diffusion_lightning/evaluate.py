@@ -23,13 +23,10 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Subset
 
 from .checkpoint import model_from_checkpoint
-from .diffusion.schedules import space_timesteps
-from .diffusion.vlb import calc_bpd_loop, calc_bpd_stratified
 from .errors import UserError
 from .metrics import SampleQuality, get_extractor, load_or_compute_reference_stats, to_uint8
 from .metrics.reference import dataset_key
-from .sample import generate, resolve_device
-from .train import run_or_exit
+from .utils import generate, resolve_device, run_or_exit
 
 
 def datamodule_for(cfg: DictConfig, model: torch.nn.Module) -> Any:
@@ -43,14 +40,10 @@ def datamodule_for(cfg: DictConfig, model: torch.nn.Module) -> Any:
     return datamodule
 
 
-def nfe(sampler: str, steps: int | str, num_timesteps: int) -> int:
-    """Network evaluations per sample for a sampler and step setting."""
-    n = num_timesteps if steps is None else len(space_timesteps(num_timesteps, steps))
-    return 2 * n - 1 if sampler == "heun" else n
-
-
 def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-    """The variational bound in bits/dim (iDDPM eq. 4-7, prior L_T included) on the test split."""
+    """The variational bound in bits/dim (iDDPM eq. 4-7, prior L_T included) on the test split (``model.nll``)."""
+    if not hasattr(model, "nll"):
+        raise UserError(f"{type(model).__name__} has no likelihood bound: metric=nll needs a DDPM-family model")
     data = datamodule_for(cfg, model).dataset(cfg.nll.split)
     if cfg.nll.num_images is not None:
         data = Subset(data, range(min(int(cfg.nll.num_images), len(data))))
@@ -59,23 +52,13 @@ def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     torch.manual_seed(cfg.seed)
     clip = bool(cfg.nll.clip_denoised)
     variance_type = cfg.nll.variance_type or model.variance_type
-    if variance_type.startswith("learned") != model.variance_type.startswith("learned"):
-        raise UserError(
-            f"nll.variance_type={variance_type} does not fit this {model.variance_type} model: a fixed-variance"
-            " model takes fixed_small or fixed_large, a learned-variance one only its own (leave it null)"
-        )
-    totals, priors = [], []
-    terms_sum = torch.zeros(model.diffusion.num_timesteps, dtype=torch.float64)
+    totals, priors, terms_sum = [], [], None
     for x0, y in track(loader, description=f"NLL on {len(data)} {cfg.nll.split} images"):
-        x0 = x0.to(device)
-        denoiser = model.denoiser(y.to(device) if model.net.num_classes else None)
-        if cfg.nll.num_strata:
-            out = calc_bpd_stratified(
-                denoiser, model.diffusion, x0, variance_type, cfg.nll.num_strata, clip, generator=g
-            )
-        else:
-            out = calc_bpd_loop(denoiser, model.diffusion, x0, variance_type, clip, generator=g)
-            terms_sum += out["vb"].double().sum(0).cpu()
+        out = model.nll(x0, y.to(device), num_strata=cfg.nll.num_strata, clip_denoised=clip,
+                        variance_type=variance_type, generator=g)  # fmt: skip
+        if not cfg.nll.num_strata:
+            batch_terms = out["vb"].double().sum(0).cpu()
+            terms_sum = batch_terms if terms_sum is None else terms_sum + batch_terms
             priors.append(out["prior_bpd"].cpu())
         totals.append(out["total_bpd"].double().cpu())
     total = torch.cat(totals)
@@ -88,7 +71,7 @@ def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
         "clip_denoised": clip,
         "variance_type": variance_type,
     }
-    if not cfg.nll.num_strata:
+    if terms_sum is not None:
         terms = (terms_sum / len(total)).tolist()
         result |= {"prior_bpd": torch.cat(priors).double().mean().item(), "decoder_bpd": terms[0]}
         breakdown = Path(cfg.paths.output_dir) / "nll_terms.json"
@@ -106,16 +89,15 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
         datamodule.dataset(cfg.reference_split),
         extractor,
         dataset=dataset_key(datamodule),
-        split=cfg.reference_split, resolution=model.net.image_size, num_images=cfg.reference_images,
+        split=cfg.reference_split, resolution=model.image_shape[-1], num_images=cfg.reference_images,
         keep_features=True, progress=True,
     )
     if cfg.images == "samples":
-        images = generate(
-            model, cfg.num_samples, cfg.batch_size, cfg.seed, name=cfg.sampler, steps=cfg.steps, **cfg.sampler_kwargs
-        )
+        generator = torch.Generator().manual_seed(cfg.seed)
+        images, nfe = generate(model, cfg.num_samples, cfg.batch_size, generator, sampler_of(cfg), show_progress=True)
     else:  # real images of a split: the baseline row of a table
         real = datamodule.dataset(cfg.images)
-        images = torch.stack([real[i][0] for i in range(min(cfg.num_samples, len(real)))])
+        images, nfe = torch.stack([real[i][0] for i in range(min(cfg.num_samples, len(real)))]), None
     uint8 = to_uint8(images)
     if cfg.save_npz:
         npz = Path(cfg.paths.output_dir) / "samples.npz"
@@ -132,10 +114,17 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     quality.set_reference(ref)
     quality.update(uint8)
     result: dict[str, Any] = quality.compute(seed=cfg.seed)
+    if nfe is not None:
+        result["nfe"] = nfe
     result["reference"] = {"split": cfg.reference_split, "num_images": ref.num_images, "extractor": cfg.extractor}
     if not extractor.has_logits:
         result |= {"is": None, "is_unavailable": f"IS unavailable: no logits, {extractor.logits_unavailable_reason}"}
     return result
+
+
+def sampler_of(cfg: DictConfig) -> dict[str, Any] | None:
+    """The sampler the command line chose (``sampler=...``), or None: the checkpoint's own."""
+    return OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -158,12 +147,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.metric == "fid" and cfg.images != "samples":
         record |= {"sampler": f"real-{cfg.images}", "steps": None, "nfe": None, "num_samples": cfg.num_samples}
     elif cfg.metric == "fid":
+        spec = model.sampler_spec(sampler_of(cfg))
         record |= {
-            "sampler": cfg.sampler,
-            "steps": cfg.steps,
-            "nfe": nfe(cfg.sampler, cfg.steps, model.diffusion.num_timesteps),
-            "sampler_kwargs": OmegaConf.to_container(cfg.sampler_kwargs), "guidance": cfg.guidance,
-            "num_samples": cfg.num_samples,
+            "sampler": spec.pop("name"), "steps": spec.pop("steps", None), "sampler_options": spec,
+            "guidance": cfg.guidance, "num_samples": cfg.num_samples,
         }
     record |= metrics
     record["wall_s"] = round(time.perf_counter() - start, 2)

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import hydra
 import lightning as L
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import check_compatible, load_checkpoint
-from .data.errors import DatasetError
-from .errors import UserError
+from .utils import run_or_exit
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +54,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
         raise FloatingPointError(f"{e} Last good checkpoint: {last} (resume with ckpt_path=...)") from None
     return {"trainer": trainer, "model": model, "datamodule": datamodule}
-
-
-def run_or_exit(fn: Any, cfg: DictConfig) -> Any:
-    """Run an entry point; bad input ends it with its message and exit code 2, no stack trace."""
-    try:
-        return fn(cfg)
-    except (UserError, DatasetError, InstantiationException, FloatingPointError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

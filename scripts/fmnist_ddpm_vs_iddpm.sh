@@ -121,11 +121,11 @@ if [[ $phases == *" fid "* ]]; then
         for row in "${rows[@]}"; do
             read -r exp variance <<<"$row"
             name=${exp}_${n}_$variance
-            spawn "fid_$name" "$py" -m diffusion_lightning.evaluate "ckpt=$(ckpt $exp)" "${fid[@]}" steps=$n \
-                "+sampler_kwargs.variance_type=$variance" "hydra.run.dir=$out/fid_$name"
+            spawn "fid_$name" "$py" -m diffusion_lightning.evaluate "ckpt=$(ckpt $exp)" "${fid[@]}" \
+                sampler.steps=$n "sampler.variance_type=$variance" "hydra.run.dir=$out/fid_$name"
         done
         for exp in ddpm_fmnist iddpm_fmnist; do
-            spawn "grid_${exp}_$n" "$py" -m diffusion_lightning.sample "ckpt=$(ckpt $exp)" sampler=ddpm steps=$n \
+            spawn "grid_${exp}_$n" "$py" -m diffusion_lightning.sample "ckpt=$(ckpt $exp)" sampler=ddpm sampler.steps=$n \
                 num_samples=64 "out=$out/grids/${exp}_ddpm$n.png" "hydra.run.dir=$out/grid_${exp}_$n"
         done
     done
@@ -138,7 +138,8 @@ import json, sys
 rows = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    variance = r.get("variance_type") or (r.get("sampler_kwargs") or {}).get("variance_type", "")
+    options = r.get("sampler_options") or r.get("sampler_kwargs") or {}  # sampler_kwargs: records before issue 14
+    variance = r.get("variance_type") or options.get("variance_type") or ""
     key = (r["metric"], r.get("experiment", ""), r.get("sampler", ""), r.get("steps") or 0, variance)
     rows[key] = r
 for (metric, exp, sampler, steps, variance), r in sorted(rows.items()):

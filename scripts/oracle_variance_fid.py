@@ -1,6 +1,7 @@
 """FID of a learned-variance checkpoint sampled with the KL-optimal variance of each step of the chain.
 
-Usage: python scripts/oracle_variance_fid.py ckpt=PATH steps=50 [--oracle-images=256] [any evaluate override]
+Usage: python scripts/oracle_variance_fid.py ckpt=PATH sampler=ddpm sampler.steps=50 [--oracle-images=256]
+[any evaluate override]
 
 An ablation, not a sampler: it asks how much of a respaced chain's sample quality is lost to the variance
 alone. Before sampling, each step i > 0 of the respaced chain (``steps``) gets the frac of iDDPM eq. 15 (0: that
@@ -26,6 +27,7 @@ from omegaconf import open_dict
 import diffusion_lightning.evaluate as evaluate_entry
 from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
 from diffusion_lightning.diffusion import space_timesteps
+from diffusion_lightning.diffusion.vlb import predict
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -33,7 +35,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 @torch.no_grad()
 def optimal_fracs(model: torch.nn.Module, x0: torch.Tensor, steps: int | str, seed: int = 0) -> dict[int, float]:
     """{original t: KL-optimal frac} for every step i > 0 of the respaced chain."""
-    diffusion, denoise = model.diffusion, model.denoiser()
+    diffusion, denoiser = model.diffusion, model.denoiser()
     chain_t = space_timesteps(diffusion.num_timesteps, steps)
     chain = diffusion.respace(chain_t)
     g = torch.Generator().manual_seed(seed)
@@ -43,7 +45,7 @@ def optimal_fracs(model: torch.nn.Module, x0: torch.Tensor, steps: int | str, se
             continue  # the decoder step: sampling returns its mean
         tt = torch.full((len(x0),), t, dtype=torch.long)
         x_t = diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=g))
-        mse = float(((denoise(x_t, tt).x0.clamp(-1, 1) - x0) ** 2).mean())
+        mse = float(((predict(denoiser, diffusion, x_t, tt).x0.clamp(-1, 1) - x0) ** 2).mean())
         beta, beta_tilde = float(chain.betas[i]), float(chain.posterior_variance[i])
         optimum = beta_tilde + float(chain.posterior_mean_coef1[i]) ** 2 * mse
         fracs[t] = math.log(optimum / beta_tilde) / math.log(beta / beta_tilde)
@@ -65,7 +67,7 @@ def oracle_model(path: str, ema: bool, images: int, steps: int | str):
     for t, f in fracs.items():
         table[t] = f
     forward = model.forward
-    channels = model.net.in_channels
+    channels = model.image_shape[0]
 
     def forward_with_oracle_variance(x_t, t, y=None):
         out = forward(x_t, t, y)
@@ -88,7 +90,9 @@ def main() -> None:
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(cfg.results).parent)
         del cfg["hydra"]
-    evaluate_entry.model_from_checkpoint = lambda path, ema=True: oracle_model(path, ema, images, cfg.steps)
+    if cfg.get("sampler") is None or cfg.sampler.name != "ddpm":
+        raise SystemExit("give sampler=ddpm sampler.steps=N: the oracle replaces the ancestral sampler's variance")
+    evaluate_entry.model_from_checkpoint = lambda path, ema=True: oracle_model(path, ema, images, cfg.sampler.steps)
     evaluate_fid = evaluate_entry.evaluate_fid
     evaluate_entry.evaluate_fid = lambda cfg, model, device: {
         **evaluate_fid(cfg, model, device), "oracle_frac": model.oracle_fracs, "oracle_images": images

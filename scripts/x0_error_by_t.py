@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 import diffusion_lightning  # noqa: F401  (registers the config resolvers)
 from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
 from diffusion_lightning.diffusion import space_timesteps
+from diffusion_lightning.diffusion.vlb import predict
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
         dataset = datamodule.dataset("test")
         x0 = torch.stack([dataset[i][0] for i in range(min(args.images, len(dataset)))])
         model = model_from_checkpoint(path, ema=True).eval()
-        diffusion, denoise = model.diffusion, model.denoiser()
+        diffusion, denoiser = model.diffusion, model.denoiser()
         chain_t = torch.tensor(space_timesteps(diffusion.num_timesteps, args.chain or diffusion.num_timesteps))
         chain = diffusion.respace(chain_t.tolist())
         g = torch.Generator().manual_seed(args.seed)
@@ -59,7 +60,7 @@ def main() -> None:
             tt = torch.full((len(x0),), t, dtype=torch.long)
             eps = torch.randn(x0.shape, generator=g)
             with torch.no_grad():
-                pred = denoise(diffusion.q_sample(x0, tt, eps), tt)
+                pred = predict(denoiser, diffusion, diffusion.q_sample(x0, tt, eps), tt)
             x0_mse = float(((pred.x0 - x0) ** 2).mean())
             line = (
                 f"  t={t:5d}  alpha_bar={float(diffusion.alphas_cumprod[t]):.2e}  "

@@ -22,6 +22,24 @@ def test_linear_schedule_closed_form():
     torch.testing.assert_close(betas, 1e-4 + t * (0.02 - 1e-4) / 999)
 
 
+@pytest.mark.parametrize("T", [50, 250, 4000])
+def test_linear_schedule_scales_with_T_as_the_improved_ddpm_code(T):
+    """beta from 1e-4 * 1000/T to 0.02 * 1000/T (``get_named_beta_schedule("linear", T)``), so the chain still ends
+    in noise: log alpha_bar_T is -11.8 at T = 50, -10.3 at 250 and -10.1 at 1000 and 4000, where the unscaled ends
+    would leave -0.5 at T = 50; explicit ends are kept as given."""
+    betas = linear_beta_schedule(T)
+    scale = 1000 / T
+    t = torch.arange(T, dtype=torch.float64)
+    torch.testing.assert_close(betas, scale * (1e-4 + t * (0.02 - 1e-4) / (T - 1)))
+    log_abar_T = torch.log1p(-betas).sum().item()
+    reference = torch.log1p(-linear_beta_schedule(1000)).sum().item()
+    assert log_abar_T == pytest.approx(reference, rel=0.2)
+    unscaled = torch.log1p(-linear_beta_schedule(T, 1e-4, 0.02)).sum().item()
+    assert abs(unscaled - reference) > 5 * abs(log_abar_T - reference)
+    assert linear_beta_schedule(T, 1e-4, 0.02)[-1].item() == pytest.approx(0.02)
+    assert get_beta_schedule("linear", T)[0].item() == pytest.approx(1e-4 * scale)
+
+
 def test_cosine_schedule_closed_form():
     T, s = 4000, 0.008
     betas = cosine_beta_schedule(T)
@@ -43,6 +61,45 @@ def test_user_schedule_and_errors():
         get_beta_schedule("quadratic", 10)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         get_beta_schedule([0.1, 1.5])
+
+
+def reference_space_timesteps(num_timesteps: int, section_counts: list[int]) -> set[int]:
+    """The improved-DDPM reference (``respace.py``), transcribed: a float position advanced by the fractional stride
+    and rounded (round-half-even) at each step."""
+    size_per, extra = num_timesteps // len(section_counts), num_timesteps % len(section_counts)
+    start_idx, all_steps = 0, []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        for _ in range(section_count):
+            all_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        start_idx += size
+    return set(all_steps)
+
+
+@pytest.mark.parametrize("T", [50, 1000, 4000])
+def test_space_timesteps_keeps_the_reference_timesteps_for_every_count(T):
+    for n in range(1, T + 1):
+        assert space_timesteps(T, n) == sorted(reference_space_timesteps(T, [n])), n
+    for sections in ([10, 15, 25], [25, 15, 10], [3, 1, 7, 2]):
+        if max(sections) > T // len(sections):
+            continue
+        got = space_timesteps(T, ",".join(map(str, sections)))
+        assert got == sorted(reference_space_timesteps(T, sections)), sections
+
+
+def test_space_timesteps_accumulates_the_stride():
+    """T = 50, 25 steps: at j = 12 the stride 49/24 accumulated in floating point reaches 24.500000000000004 and
+    rounds to 25 (the reference's timestep), where 12 * 49 / 24 = 24.5 exactly rounds (half to even) to 24."""
+    kept = space_timesteps(50, 25)
+    position, accumulated = 0.0, []
+    for _ in range(25):
+        accumulated.append(round(position))
+        position += 49 / 24
+    assert kept == accumulated
+    assert kept != [round(j * 49 / 24) for j in range(25)]  # the rule before this fix
 
 
 def test_space_timesteps():

@@ -20,6 +20,8 @@ from omegaconf import open_dict
 from PIL import Image
 
 from diffusion_lightning import evaluate as evaluate_mod
+from diffusion_lightning.checkpoint import model_from_checkpoint
+from diffusion_lightning.diffusion import documented_nfe, sampling_sigmas
 from diffusion_lightning.metrics import (
     ReferenceStats,
     SampleQuality,
@@ -62,8 +64,8 @@ def ref_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "reference_stats"
 
 
-FID_ARGS = ["metric=fid", "extractor=fmnist-classifier", "sampler=ddim", "steps=3", "num_samples=32", "batch_size=16",
-            "reference_images=64", "kid_subset_size=32"]  # fmt: skip
+FID_ARGS = ["metric=fid", "extractor=fmnist-classifier", "sampler=ddim", "sampler.steps=3", "num_samples=32",
+            "batch_size=16", "reference_images=64", "kid_subset_size=32"]  # fmt: skip
 
 
 def _cached_reference(ref_dir: Path) -> ReferenceStats:
@@ -111,7 +113,7 @@ def test_fid_of_real_images_against_themselves_is_zero(compose_train, checkpoint
 
     train_split = FashionMNISTDataModule(root=str(ROOT / "data")).dataset("train")
     real = torch.stack([train_split[i][0] for i in range(256)])
-    monkeypatch.setattr(evaluate_mod, "generate", lambda model, n, *args, **kwargs: real[:n])
+    monkeypatch.setattr(evaluate_mod, "generate", lambda model, n, *args, **kwargs: (real[:n], 1))
     results = tmp_path / "real.jsonl"
     args = [f"ckpt={checkpoint}", *FID_ARGS, "num_samples=256", "reference_images=256", f"results={results}"]
     record = evaluate_mod.evaluate(compose_train(args, "evaluate"))
@@ -156,12 +158,14 @@ def test_nll_variance_override_and_clip(compose_train, checkpoint, tmp_path):
 
 
 def test_hydra_sweep_writes_one_line_per_job(checkpoint, tmp_path):
+    """A sweep over samplers and step counts: one line per job, each with the NFE counted from the denoiser calls,
+    equal to the sampler's documented cost on the grid it ran (Heun: 2N - 1 on the Karras grid, others N)."""
     results = tmp_path / "sweep.jsonl"
     env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", REFERENCE_DIR_ENV_VAR: str(tmp_path / "ref")}
     args = [
-        "-m", f"ckpt={checkpoint}", "metric=fid", "extractor=fmnist-classifier", "sampler=ddim,dpmpp", "steps=2,3",
-        "num_samples=16", "batch_size=16", "reference_images=32", "kid_subset_size=16", f"results={results}",
-        f"paths.data_dir={ROOT / 'data'}",
+        "-m", f"ckpt={checkpoint}", "metric=fid", "extractor=fmnist-classifier", "sampler=ddim,dpmpp,heun,ddpm",
+        "sampler.steps=2,3", "num_samples=16", "batch_size=16", "reference_images=32", "kid_subset_size=16",
+        f"results={results}", f"paths.data_dir={ROOT / 'data'}",
     ]  # fmt: skip
     proc = subprocess.run(  # run from tmp_path: the sweep folder is resolved from the working directory
         [sys.executable, "-m", "diffusion_lightning.evaluate", *args],
@@ -169,11 +173,16 @@ def test_hydra_sweep_writes_one_line_per_job(checkpoint, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = load_results(results)
-    assert sorted((r["sampler"], r["steps"], r["nfe"]) for r in records) == [
-        ("ddim", 2, 2), ("ddim", 3, 3), ("dpmpp", 2, 2), ("dpmpp", 3, 3)
+    assert sorted((r["sampler"], r["steps"]) for r in records) == [
+        (s, n) for s in ("ddim", "ddpm", "dpmpp", "heun") for n in (2, 3)
     ]  # fmt: skip
+    denoiser = model_from_checkpoint(checkpoint).denoiser()
+    for r in records:
+        grid = sampling_sigmas(denoiser, r["steps"], r["sampler_options"]["grid"])
+        assert r["nfe"] == documented_nfe(r["sampler"], len(grid) - 1), r
+    assert {r["nfe"] for r in records if r["sampler"] == "heun"} == {3, 5}
     assert all(r["num_samples"] == 16 and math.isfinite(r["fid"]) for r in records)
-    assert len(list((tmp_path / "outputs" / "evaluate" / "multirun").glob("*/[0-3]"))) == 4  # one job folder each
+    assert len(list((tmp_path / "outputs" / "evaluate" / "multirun").glob("*/[0-7]"))) == 8  # one job folder each
 
 
 # ------------------------------------------------------------------------------------------------------- report

@@ -15,7 +15,7 @@ from diffusion_lightning.train import train
 
 FIT = [
     "trainer.val_check_interval=null", "trainer.limit_val_batches=1", "callbacks.sample_grid.num_samples=4",
-    "callbacks.sample_grid.sampler.steps=3", "callbacks.sample_grid.final_sampler.steps=3", "logger=csv",
+    "sampler.steps=3", "logger=csv",
     "model.num_timesteps=20", "model.net.out_channels=2",
 ]
 
@@ -24,7 +24,7 @@ def test_iddpm_fmnist_experiment_trains(compose_train):
     cfg = compose_train(
         ["experiment=iddpm_fmnist", "trainer.max_steps=3", "data.batch_size=8", "data.num_workers=0",
          "trainer.val_check_interval=null", "trainer.limit_val_batches=1", "callbacks.sample_grid.num_samples=4",
-         "callbacks.sample_grid.sampler.steps=2", "callbacks.sample_grid.final_sampler.steps=2", *QUIET]
+         "sampler.steps=2", *QUIET]
     )
     out = train(cfg)
     model = out["model"]
@@ -37,7 +37,8 @@ def test_iddpm_fmnist_experiment_trains(compose_train):
 def test_iddpm_cifar_experiment_is_the_paper_setup(compose_train, tmp_path):
     cfg = compose_train(["experiment=iddpm_cifar", f"paths.data_dir={tmp_path}"])
     m = cfg.model
-    assert (m.num_timesteps, m.beta_schedule, m.loss_type, m.lr) == (4000, "cosine", "hybrid", 1e-4)
+    assert (m.num_timesteps, m.beta_schedule, m.loss_type, m.optimizer.lr) == (4000, "cosine", "hybrid", 1e-4)
+    assert m.lr_scheduler.warmup_steps == 0 and cfg.sampler.name == "ddpm" and m.sampler.steps == 100
     assert (m.net.model_channels, m.net.num_res_blocks, m.net.dropout, m.net.out_channels) == (128, 3, 0.3, 6)
     assert cfg.data.batch_size == 128
     assert cfg.trainer.gradient_clip_val is None  # the reference code does not clip (DDPM's clips at 1)
@@ -64,5 +65,5 @@ def test_vlb_loss_importance_sampler_is_checkpointed_and_resumes(compose_train, 
     model.on_load_checkpoint(ckpt)
     torch.testing.assert_close(model.timestep_sampler.probabilities(), sampler.probabilities())
     # and samples with its learned variance through the respaced process
-    x = model.sample(3, name="ddpm", steps=5, generator=torch.Generator().manual_seed(0))
+    x = model.sample(3, sampler={"name": "ddpm", "steps": 5}, generator=torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()

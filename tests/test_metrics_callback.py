@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from diffusion_lightning.callbacks import SampleMetrics, ema_module
-from diffusion_lightning.callbacks.metrics import rank_share, sample_uint8
+from diffusion_lightning.callbacks.metrics import rank_share
 from diffusion_lightning.metrics import (
     ReferenceStats,
     SampleQuality,
@@ -35,6 +35,7 @@ from diffusion_lightning.metrics import (
 )
 from diffusion_lightning.metrics.reference import REFERENCE_DIR_ENV_VAR, reference_cache_path
 from diffusion_lightning.train import train
+from diffusion_lightning.utils import generate
 
 
 def _images(n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -143,8 +144,9 @@ def test_samples_are_quantised_like_saved_pngs(tmp_path):
     net = UNet(image_size=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                attention_resolutions=(), dropout=0.0, num_groups=4)  # fmt: skip
     model = DDPM(net, num_timesteps=20)
-    uint8 = sample_uint8(model, 5, 2, torch.Generator().manual_seed(3), name="ddim", steps=3)
-    floats = torch.cat([model.sample(n, generator=g, name="ddim", steps=3) for g in [torch.Generator().manual_seed(3)]
+    ddim3 = {"name": "ddim", "steps": 3}
+    uint8, _ = generate(model, 5, 2, torch.Generator().manual_seed(3), ddim3, uint8=True)
+    floats = torch.cat([model.sample(n, generator=g, sampler=ddim3) for g in [torch.Generator().manual_seed(3)]
                         for n in (2, 2, 1)])  # fmt: skip
     for i in range(5):
         save_image((floats[i] + 1) / 2, tmp_path / f"{i}.png")
@@ -159,7 +161,7 @@ def _metrics_overrides(ref_dir: Path, every_n_steps: int = 2) -> list[str]:
         "trainer.limit_val_batches=0", "callbacks.sample_grid=null", "callbacks.ema.decay=0.9", "logger=csv",
         "model.num_timesteps=50", "+callbacks@callbacks.metrics=metrics",
         "callbacks.metrics.extractor=fmnist-classifier",
-        "callbacks.metrics.num_samples=24", "callbacks.metrics.batch_size=16", "callbacks.metrics.sampler.steps=2",
+        "callbacks.metrics.num_samples=24", "callbacks.metrics.batch_size=16", "sampler.steps=2",
         f"callbacks.metrics.every_n_steps={every_n_steps}", "callbacks.metrics.every_n_epochs=0",
         "callbacks.metrics.reference_images=64", f"callbacks.metrics.reference_dir={ref_dir}",
         "callbacks.metrics.kid_subsets=10",
@@ -183,7 +185,7 @@ def test_callback_logs_finite_metrics_in_a_training_run(compose_train, tmp_path)
     assert ref_file.is_file()
     ref = ReferenceStats.from_tensors(torch.load(ref_file, weights_only=True))
     module = ema_module(trainer, out["model"])
-    images = sample_uint8(module, 24, 16, torch.Generator().manual_seed(0 + 0 + 1 * 2), name="ddim", steps=2)
+    images, _ = generate(module, 24, 16, torch.Generator().manual_seed(0 + 0 + 1 * 2), uint8=True)  # its own sampler
     fid = _evaluate_py_fid(get_extractor("fmnist-classifier"), images, ref)
     assert callback.last_metrics["fid"] == pytest.approx(fid, rel=1e-6)
 
@@ -199,7 +201,8 @@ DDP_SCRIPT = """
 import json, sys
 import lightning as L, torch
 from diffusion_lightning.callbacks import EMA, SampleMetrics
-from diffusion_lightning.callbacks.metrics import rank_share, sample_uint8
+from diffusion_lightning.callbacks.metrics import rank_share
+from diffusion_lightning.utils import generate
 from diffusion_lightning.data import FashionMNISTDataModule
 from diffusion_lightning.metrics import ReferenceStats, feature_statistics, frechet_distance, get_extractor
 from diffusion_lightning.metrics.reference import reference_cache_path
@@ -211,7 +214,7 @@ torch.set_num_threads(1)
 L.seed_everything(0)
 net = UNet(image_size=32, in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
            attention_resolutions=(), dropout=0.0, num_groups=4)
-model = DDPM(net, num_timesteps=50, warmup_steps=1)
+model = DDPM(net, num_timesteps=50)
 ema = EMA(decay=0.9)
 metrics = SampleMetrics(every_n_epochs=0, every_n_steps=2, num_samples=15, batch_size=8, extractor="fmnist-classifier",
                         sampler={"name": "ddim", "steps": 2}, reference_images=40, reference_dir=ref_dir)
@@ -221,8 +224,8 @@ trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=2, l
 trainer.fit(model, datamodule=FashionMNISTDataModule(root=data, batch_size=4, num_workers=0))
 if trainer.global_rank == 0:
     module = ema.averaged_module()
-    images = torch.cat([sample_uint8(module, rank_share(15, r, 2), 8, torch.Generator().manual_seed(r + 2 * 2),
-                                     name="ddim", steps=2) for r in range(2)])
+    images = torch.cat([generate(module, rank_share(15, r, 2), 8, torch.Generator().manual_seed(r + 2 * 2),
+                                 {"name": "ddim", "steps": 2}, uint8=True)[0] for r in range(2)])
     ref = ReferenceStats.from_tensors(torch.load(
         reference_cache_path(ref_dir, "FashionMNIST", "train", "fmnist-classifier", 32, 40), weights_only=True))
     mu, sigma = feature_statistics(get_extractor("fmnist-classifier")(images)["features"])

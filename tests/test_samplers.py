@@ -1,8 +1,10 @@
-"""Samplers fed the exact denoiser of Gaussian data x_0 ~ N(mu, s^2 I).
+"""Samplers fed the exact denoiser of Gaussian data x_0 ~ N(mu, s^2 I), through the denoiser contract.
 
-With that denoiser every sampler step is an affine map of x_t plus Gaussian noise, so the mean
-and variance of the sampler's output can be propagated exactly, step by step. The propagation
-below is written from the papers' equations, independently of the library's coefficients.
+The exact eps-prediction network of a discrete VP model is wrapped in ``DiscreteVPDenoiser`` (the adapter every
+DDPM checkpoint samples through), so the adapter and the samplers are both under test. With that denoiser every
+sampler step is an affine map of x_t plus Gaussian noise, so the mean and variance of the sampler's output can be
+propagated exactly, step by step. The propagation below is written from the papers' equations (in the VP
+coordinates of DDPM / DDIM), independently of the library's coefficients and of its sigma-space formulation.
 """
 
 import math
@@ -11,11 +13,11 @@ import pytest
 import torch
 
 from diffusion_lightning.diffusion import (
+    DiscreteVPDenoiser,
     GaussianDiffusion,
-    ModelPrediction,
     cosine_beta_schedule,
     dynamic_threshold,
-    gaussian_data_denoiser,
+    gaussian_eps_network,
     linear_beta_schedule,
     sample,
     space_timesteps,
@@ -69,12 +71,16 @@ def propagate_ddim(abars: list[float], mu: float, s: float, eta: float) -> tuple
 SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
 
 
+def exact_denoiser(diffusion: GaussianDiffusion, mu: float, s: float) -> DiscreteVPDenoiser:
+    return DiscreteVPDenoiser(gaussian_eps_network(diffusion, mu, s), diffusion)
+
+
 def run(name: str, mu: float, s: float, seed: int = 0, schedule: str = "linear", **kwargs) -> torch.Tensor:
     diffusion = GaussianDiffusion(SCHEDULES[schedule](1000))
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(N, D, generator=g, dtype=torch.float64)
-    denoiser = gaussian_data_denoiser(diffusion, mu, s)
-    return sample(name, denoiser, diffusion, x_T, generator=g, clip_denoised=False, **kwargs)
+    out = sample(exact_denoiser(diffusion, mu, s), x_T, name, generator=g, clip_denoised=False, **kwargs)
+    return out.x
 
 
 def abars_for(steps: int | str, schedule: str = "linear") -> list[float]:
@@ -139,16 +145,15 @@ def test_learned_range_variance_on_a_respaced_chain_matches_exact_moments(v_out,
     interpolate between the *respaced* chain's beta and beta~ (iDDPM eq. 15 and Sec. 4)."""
     mu, s = 0.2, 0.6
     diffusion = GaussianDiffusion(SCHEDULES[schedule](1000))
-    exact = gaussian_data_denoiser(diffusion, mu, s)
+    eps_net = gaussian_eps_network(diffusion, mu, s)
 
-    def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> ModelPrediction:
-        pred = exact(x_t, t)
-        return ModelPrediction(pred.x0, pred.eps, torch.full_like(x_t, v_out))
+    def net(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:  # 2C outputs: eps, then v
+        return torch.cat([eps_net(z, t, y), torch.full_like(z, v_out)], dim=1)
 
+    denoiser = DiscreteVPDenoiser(net, diffusion, learned_variance=True)
     g = torch.Generator().manual_seed(5)
     x_T = torch.randn(N, D, generator=g, dtype=torch.float64)
-    x = sample("ddpm", denoiser, diffusion, x_T, steps=25, variance_type="learned_range", generator=g,
-               clip_denoised=False)  # fmt: skip
+    x = sample(denoiser, x_T, "ddpm", steps=25, generator=g, clip_denoised=False).x  # learned_range by default
     m, v = propagate_ddpm(abars_for(25, schedule), mu, s, (v_out + 1) / 2)
     assert_moments(x, m, v)
     # the respaced beta and beta~ differ enough at 25 steps for the three cases to be told apart
@@ -162,9 +167,8 @@ def test_clipping_and_dynamic_threshold():
     torch.testing.assert_close(out[0], x0[0] / 4.0)  # s = max |x0| = 4 -> rescaled into [-1, 1]
     torch.testing.assert_close(out[1], x0[1])  # s clamps at 1: already in range, unchanged
     x = run("ddim", 3.0, 0.5, steps=10)  # data outside [-1, 1] ...
-    diffusion = GaussianDiffusion(linear_beta_schedule(1000))
-    den = gaussian_data_denoiser(diffusion, 3.0, 0.5)
-    clipped = sample("ddim", den, diffusion, torch.randn(100, 4), steps=10, clip_denoised=True)
+    den = exact_denoiser(GaussianDiffusion(linear_beta_schedule(1000)), 3.0, 0.5)
+    clipped = sample(den, torch.randn(100, 4), "ddim", steps=10, clip_denoised=True).x
     assert x.mean() > 2.5 and clipped.abs().max() <= 1 + 1e-5  # ... is clipped into it on request
 
 

@@ -1,4 +1,5 @@
-"""DPM-Solver++(2M) and Heun (EDM) fed the exact denoiser of Gaussian data x_0 ~ N(mu, s^2 I).
+"""DPM-Solver++(2M) and Heun (EDM) fed the exact denoiser of Gaussian data x_0 ~ N(mu, s^2 I) of a discrete VP model
+(through ``DiscreteVPDenoiser``: Heun's Karras grid is rounded to the model's timesteps by its ``round_sigma``).
 
 With that denoiser x0_hat is affine in x, so every solver step is an affine map of the start x_T (plus
 Gaussian noise for the churn variant): the output's mean and variance follow exactly. The propagation here is
@@ -12,8 +13,9 @@ import torch
 
 from diffusion_lightning.diffusion import (
     SAMPLERS,
+    DiscreteVPDenoiser,
     GaussianDiffusion,
-    gaussian_data_denoiser,
+    gaussian_eps_network,
     linear_beta_schedule,
     sample,
     space_timesteps,
@@ -125,12 +127,17 @@ def propagate_heun(steps: int, mu: float, s: float, churn: float = 0.0) -> tuple
     return c, L**2 + noise_var
 
 
-def run(name: str, mu: float, s: float, seed: int = 0, **kwargs) -> torch.Tensor:
+def exact_denoiser(mu: float, s: float, net_hook=None) -> DiscreteVPDenoiser:
     diffusion = GaussianDiffusion(linear_beta_schedule(T))
+    net = gaussian_eps_network(diffusion, mu, s)
+    return DiscreteVPDenoiser(net if net_hook is None else net_hook(net), diffusion)
+
+
+def run(name: str, mu: float, s: float, seed: int = 0, **kwargs) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(N, D, generator=g, dtype=torch.float64)
-    denoiser = gaussian_data_denoiser(diffusion, mu, s)
-    return sample(name, denoiser, diffusion, x_T, generator=g, clip_denoised=False, **kwargs)
+    grid = "karras" if name == "heun" else "native"  # Heun's grid (conf/sampler/heun.yaml)
+    return sample(exact_denoiser(mu, s), x_T, name, grid=grid, generator=g, clip_denoised=False, **kwargs).x
 
 
 def assert_moments(x: torch.Tensor, m: float, v: float) -> None:
@@ -143,8 +150,8 @@ def test_registered():
     from diffusion_lightning.diffusion import dpmpp_2m_sample, heun_sample, sample
 
     assert SAMPLERS["dpmpp"] is dpmpp_2m_sample and SAMPLERS["heun"] is heun_sample
-    with pytest.raises(ValueError, match="unknown sampler 'dpm'; available: ddim, ddpm, dpmpp, heun"):
-        sample("dpm", None, None, None)
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'; available: consistency, ddim, ddpm, dpmpp, heun"):
+        sample(None, None, "dpm")
 
 
 @pytest.mark.parametrize("steps", [10, 20])
@@ -187,30 +194,30 @@ def test_dpmpp_beats_ddim_at_20_steps():
 
 
 def test_nfe_and_determinism():
-    diffusion = GaussianDiffusion(linear_beta_schedule(T))
-    inner = gaussian_data_denoiser(diffusion, 0.0, 1.0)
     calls: list[int] = []
 
-    def counting(x, t):
-        calls.append(int(t[0]))
-        return inner(x, t)
+    def recording(net):
+        def net_with_log(z, t, y):
+            calls.append(int(t[0]))
+            return net(z, t, y)
+
+        return net_with_log
 
     x_T = torch.randn(4, 3, dtype=torch.float64)
-    sample("heun", counting, diffusion, x_T, steps=10)
-    assert len(calls) == 2 * 10 - 1 and calls[0] == T - 1 and calls[-1] == 0
+    out = sample(exact_denoiser(0.0, 1.0, recording), x_T, "heun", steps=10, grid="karras")
+    assert out.nfe == len(calls) == 2 * 10 - 1 and calls[0] == T - 1 and calls[-1] == 0
     calls.clear()
-    a = sample("dpmpp", counting, diffusion, x_T, steps=10)
-    assert len(calls) == 10 and calls == sorted(space_timesteps(T, 10), reverse=True)
-    torch.testing.assert_close(a, sample("dpmpp", inner, diffusion, x_T, steps=10))
+    a = sample(exact_denoiser(0.0, 1.0, recording), x_T, "dpmpp", steps=10)
+    assert a.nfe == len(calls) == 10 and calls == sorted(space_timesteps(T, 10), reverse=True)
+    torch.testing.assert_close(a.x, sample(exact_denoiser(0.0, 1.0), x_T, "dpmpp", steps=10).x)
 
 
 @pytest.mark.parametrize("name", ["dpmpp", "heun"])
 def test_clipping(name):
-    diffusion = GaussianDiffusion(linear_beta_schedule(T))
-    den = gaussian_data_denoiser(diffusion, 3.0, 0.5)  # data outside [-1, 1] ...
+    den = exact_denoiser(3.0, 0.5)  # data outside [-1, 1] ...
     x_T = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
-    assert sample(name, den, diffusion, x_T, steps=10, clip_denoised=False).mean() > 2.5
-    clipped = sample(name, den, diffusion, x_T, steps=10, clip_denoised=True)
+    assert sample(den, x_T, name, steps=10, clip_denoised=False).x.mean() > 2.5
+    clipped = sample(den, x_T, name, steps=10, clip_denoised=True).x
     assert clipped.abs().max() <= 1 + 1e-5  # ... is clipped into it on request
-    thresholded = sample(name, den, diffusion, x_T, steps=10, threshold=0.995)
+    thresholded = sample(den, x_T, name, steps=10, threshold=0.995).x
     assert thresholded.abs().max() <= 1 + 1e-5

@@ -30,11 +30,10 @@ def _fit_overrides(folder: Path, **trainer: object) -> list[str]:
             "trainer.val_check_interval=null",
             "trainer.limit_val_batches=1",
             "callbacks.sample_grid.num_samples=4",
-            "callbacks.sample_grid.sampler.steps=2",
-            "callbacks.sample_grid.final_sampler.steps=2",
+            "sampler.steps=2",
             "callbacks.ema.decay=0.9",
             "model.num_timesteps=50",
-            "model.warmup_steps=2",
+            "model.lr_scheduler.warmup_steps=2",
             "logger=csv",
         ]
     )
@@ -45,7 +44,7 @@ def test_ddpm_fmnist_experiment_trains(compose_train):
         ["experiment=ddpm_fmnist", "trainer.max_steps=3", "data.batch_size=8", "data.num_workers=0",
          "callbacks.model_checkpoint.every_n_train_steps=2",
          "trainer.val_check_interval=null", "trainer.limit_val_batches=1", "callbacks.sample_grid.num_samples=4",
-         "callbacks.sample_grid.sampler.steps=2", "callbacks.sample_grid.final_sampler.steps=2", *QUIET]
+         "sampler.steps=2", *QUIET]
     )
     out = train(cfg)
     trainer = out["trainer"]
@@ -72,7 +71,7 @@ def test_ddpm_cifar_experiment_trains_paper_model(compose_train, tmp_path):
          "data.num_workers=0", "trainer.limit_val_batches=0", "callbacks.sample_grid=null",
          "callbacks.model_checkpoint=null", "+trainer.enable_checkpointing=false", *QUIET]
     )
-    assert cfg.model.lr == 2e-4 and cfg.model.warmup_steps == 5000 and cfg.data.batch_size == 2
+    assert cfg.model.optimizer.lr == 2e-4 and cfg.model.lr_scheduler.warmup_steps == 5000 and cfg.data.batch_size == 2
     assert cfg.callbacks.ema.decay == 0.9999 and cfg.trainer.gradient_clip_val == 1.0 and cfg.data.random_flip
     out = train(cfg)
     n_params = sum(p.numel() for p in out["model"].net.parameters())
@@ -193,7 +192,7 @@ def test_sample_entry_from_checkpoint(compose_train, image_folder, tmp_path):
     train(compose_train(_fit_overrides(image_folder, max_steps=2)))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     cfg = compose_train(
-        [f"ckpt={ckpt}", "sampler=ddpm", "steps=5", "num_samples=6", "batch_size=4", "save_npz=true",
+        [f"ckpt={ckpt}", "sampler=ddpm", "sampler.steps=5", "num_samples=6", "batch_size=4", "save_npz=true",
          f"out={tmp_path / 'grid.png'}"],
         config_name="sample",
     )

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from diffusion_lightning.diffusion import GaussianDiffusion, ModelPrediction, gaussian_data_denoiser
+from diffusion_lightning.diffusion import DiscreteVPDenoiser, GaussianDiffusion, ModelPrediction, gaussian_eps_network
 from diffusion_lightning.diffusion.importance import LossSecondMomentResampler, UniformSampler
 from diffusion_lightning.diffusion.schedules import linear_beta_schedule
 from diffusion_lightning.diffusion.vlb import (
@@ -22,6 +22,7 @@ from diffusion_lightning.diffusion.vlb import (
     discretized_gaussian_log_likelihood,
     hybrid_loss,
     normal_kl,
+    predict,
     prior_bpd,
     vlb_terms,
 )
@@ -126,20 +127,24 @@ def optimal_reverse_variance(abar: torch.Tensor, s: float) -> tuple[torch.Tensor
     return beta_tilde + coef1**2 * var_x0, beta_tilde, beta
 
 
-def exact_variance_denoiser(d: GaussianDiffusion, mu: float, s: float):
+def exact_denoiser(d: GaussianDiffusion, mu: float, s: float) -> DiscreteVPDenoiser:
+    """The exact eps network of Gaussian data through the denoiser contract (fixed variance)."""
+    return DiscreteVPDenoiser(gaussian_eps_network(d, mu, s), d)
+
+
+def exact_variance_denoiser(d: GaussianDiffusion, mu: float, s: float) -> DiscreteVPDenoiser:
     """The exact denoiser plus the exact reverse variance, encoded as iDDPM eq. 15's v:
     log var = frac log beta_t + (1 - frac) log beta~_t (beta~_0 clipped to beta~_1), v = 2 frac - 1."""
     var, beta_tilde, beta = optimal_reverse_variance(abar_of(d), s)
     lo = torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]]))
     v_all = 2 * (var.log() - lo) / (beta.log() - lo) - 1
-    base = gaussian_data_denoiser(d, mu, s)
+    eps_net = gaussian_eps_network(d, mu, s)
 
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> ModelPrediction:
-        pred = base(x_t, t)
-        v = v_all[t].reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype).expand_as(x_t)
-        return ModelPrediction(pred.x0, pred.eps, v)
+    def net(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:  # 2C outputs: eps, then v
+        v = v_all[t].reshape(-1, *([1] * (z.ndim - 1))).to(z.dtype).expand_as(z)
+        return torch.cat([eps_net(z, t, y), v], dim=1)
 
-    return denoise
+    return DiscreteVPDenoiser(net, d, learned_variance=True)
 
 
 @pytest.mark.parametrize("t", [1, 5, 50, 400, 999])
@@ -154,8 +159,8 @@ def test_expected_kl_term_for_gaussian_data(t):
     x_t = d.q_sample(x0, tt, torch.randn(x0.shape, generator=g, dtype=torch.float64))
     var, beta_tilde, _ = optimal_reverse_variance(abar_of(d), s)
     r = (var[t] / beta_tilde[t]).item()
-    fixed = vlb_terms(d, gaussian_data_denoiser(d, mu, s)(x_t, tt), x0, x_t, tt, "fixed_small")
-    exact = vlb_terms(d, exact_variance_denoiser(d, mu, s)(x_t, tt), x0, x_t, tt, "learned_range")
+    fixed = vlb_terms(d, predict(exact_denoiser(d, mu, s), d, x_t, tt), x0, x_t, tt, "fixed_small")
+    exact = vlb_terms(d, predict(exact_variance_denoiser(d, mu, s), d, x_t, tt), x0, x_t, tt, "learned_range")
     # Per sample L_t = a chi^2_1 / 2 (+ const): relative standard error sqrt(2 / n) ~ 0.3%.
     assert fixed.mean().item() == pytest.approx(0.5 * (r - 1) / LOG2, rel=0.015)
     assert exact.mean().item() == pytest.approx(0.5 * math.log(r) / LOG2, rel=0.015)
@@ -246,11 +251,13 @@ def test_loss_scales_match_the_reference():
     assert not simple["vlb"].requires_grad
     # A C-channel output: fixed_small variance, the hybrid adds a constant.
     eps_out = out.detach()[:, :3].clone().requires_grad_(True)
-    fixed = hybrid_loss(d, eps_out, x0, x_t, t, noise)
+    fixed = hybrid_loss(d, eps_out, x0, x_t, t, noise, variance_type="fixed_small")
     (g,) = torch.autograd.grad(fixed["loss"].sum(), eps_out, retain_graph=True)
     torch.testing.assert_close(g, torch.autograd.grad(fixed["mse"].sum(), eps_out)[0])
     with pytest.raises(ValueError, match="loss_type"):
         hybrid_loss(d, out, x0, x_t, t, noise, loss_type="kl")
+    with pytest.raises(ValueError, match="needs 3 output channels"):  # the variance is decided by the model
+        hybrid_loss(d, out, x0, x_t, t, noise, variance_type="fixed_small")
 
 
 # ----------------------------------------------------------------------------- the full bound
@@ -284,7 +291,7 @@ def test_bound_on_discretised_gaussian_data_is_above_and_close_to_the_nll():
         return calc_bpd_loop(denoiser, d, x0, variance_type, generator=g)
 
     exact = bound(exact_variance_denoiser(d, mu, s), "learned_range")
-    fixed = bound(gaussian_data_denoiser(d, mu, s), "fixed_small")  # same x0 and the same x_t draws
+    fixed = bound(exact_denoiser(d, mu, s), "fixed_small")  # same x0 and the same x_t draws
     nll, se = exact["total_bpd"].mean().item(), exact["total_bpd"].std().item() / math.sqrt(B)
     msg = f"H = {H:.4f} bits/dim, bound = {nll:.4f} +- {se:.4f}, fixed_small {fixed['total_bpd'].mean():.4f}"
     assert nll > H - 4 * se, msg  # a bound
@@ -303,15 +310,16 @@ def test_bound_on_discretised_gaussian_data_is_above_and_close_to_the_nll():
 
 
 def test_calc_bpd_loop_on_a_respaced_process_calls_model_timesteps():
-    d = linear_process().respace(range(0, 1000, 100))
+    base = linear_process()
+    d = base.respace(range(0, 1000, 100))
     seen: list[int] = []
 
-    def denoiser(x_t, t):
+    def net(z, t, y):  # predicts x0 = 0
         seen.append(int(t[0]))
-        return ModelPrediction(torch.zeros_like(x_t), torch.zeros_like(x_t))
+        return torch.zeros_like(z)
 
     x0 = torch.zeros(2, 3, 2, 2)
-    out = calc_bpd_loop(denoiser, d, x0, "fixed_small", clip_denoised=True)
+    out = calc_bpd_loop(DiscreteVPDenoiser(net, base, "x0"), d, x0, "fixed_small", clip_denoised=True)
     assert seen == list(range(900, -1, -100))
     assert out["total_bpd"].shape == (2,) and out["vb"].shape == (2, 10)
     torch.testing.assert_close(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
@@ -324,17 +332,18 @@ def test_calc_bpd_loop_matches_vlb_terms_step_by_step():
     d = linear_process(50)
     x0 = torch.rand(4, 2, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
-    def denoiser(x_t, t):
-        x0_hat = 0.5 * x_t
-        return ModelPrediction(x0_hat, d.predict_eps_from_x0(x_t, t, x0_hat), torch.tanh(x_t))
+    def net(z, t, y):  # x0_hat = z / 2 and v = tanh(z), as 2C channels of an x0-prediction network
+        return torch.cat([0.5 * z, torch.tanh(z)], dim=1)
 
+    denoiser = DiscreteVPDenoiser(net, d, "x0", learned_variance=True)
     out = calc_bpd_loop(denoiser, d, x0, "learned_range", generator=torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(2)  # replay the same noise draws
     for i in range(49, -1, -1):
         t = torch.full((4,), i)
         noise = torch.randn(x0.shape, generator=g)
         x_t = d.q_sample(x0, t, noise)
-        pred = denoiser(x_t, t)
+        x0_hat = 0.5 * x_t  # what the network said, written out
+        pred = ModelPrediction(x0_hat, d.predict_eps_from_x0(x_t, t, x0_hat), torch.tanh(x_t))
         torch.testing.assert_close(out["vb"][:, i], vlb_terms(d, pred, x0, x_t, t, "learned_range"))
         torch.testing.assert_close(out["mse"][:, i], ((pred.eps - noise) ** 2).mean(dim=(1, 2)))
     torch.testing.assert_close(out["total_bpd"], out["vb"].sum(1) + prior_bpd(d, x0))

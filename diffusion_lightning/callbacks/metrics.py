@@ -34,17 +34,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
 
-from diffusion_lightning.metrics import (
-    FeatureExtractor,
-    ReferenceStats,
-    get_extractor,
-    load_or_compute_reference_stats,
-    to_uint8,
-)
+from diffusion_lightning.metrics import FeatureExtractor, ReferenceStats, get_extractor, load_or_compute_reference_stats
 from diffusion_lightning.metrics.engine import SampleQuality
 from diffusion_lightning.metrics.reference import dataset_key
+from diffusion_lightning.utils import generate
 
 from .ema import ema_module
 
@@ -70,18 +64,6 @@ def rank_share(num_samples: int, rank: int, world_size: int) -> int:
     return num_samples // world_size + (rank < num_samples % world_size)
 
 
-@torch.no_grad()
-def sample_uint8(
-    module: L.LightningModule, num_samples: int, batch_size: int, generator: torch.Generator, **sampler: Any
-) -> Tensor:
-    """``num_samples`` images from ``module.sample`` quantised like saved PNGs: uint8 (N, C, H, W) on the CPU."""
-    chunks = []
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
-        chunks.append(to_uint8(module.sample(n, generator=generator, **sampler).float().cpu()))
-    return torch.cat(chunks)
-
-
 class SampleMetrics(L.Callback):
     """Every ``every_n_epochs`` epochs and/or ``every_n_steps`` optimizer steps, log FID, KID (and IS where the
     extractor has logits) of ``num_samples`` samples as ``<prefix>fid``, ``<prefix>kid``, ``<prefix>kid_std``,
@@ -94,7 +76,7 @@ class SampleMetrics(L.Callback):
         batch_size: sampling and feature-extraction batch size per rank.
         seed: base seed of the sampling noise.
         use_ema: sample with the EMA weights (the raw weights if False or no EMA callback is active).
-        sampler: sampler settings for ``module.sample`` (``name``, ``steps`` and sampler kwargs).
+        sampler: a ``conf/sampler`` entry for ``module.sample``; None: the model's own.
         extractor, extractor_kwargs: the feature extractor (:func:`~diffusion_lightning.metrics.get_extractor`).
         reference_split, reference_images, reference_dir: the reference statistics (the first ``reference_images``
             images of the data module's split, all if None; cached in ``reference_dir``, default as evaluate.py).
@@ -128,7 +110,7 @@ class SampleMetrics(L.Callback):
             raise ValueError(f"num_samples must be at least 2, got {num_samples}")
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.num_samples, self.batch_size, self.seed, self.use_ema = num_samples, batch_size, seed, use_ema
-        self.sampler = dict(sampler or {})
+        self.sampler = dict(sampler) if sampler is not None else None
         self.extractor_name, self.extractor_kwargs = extractor, dict(extractor_kwargs or {})
         self.reference_split, self.reference_images = reference_split, reference_images
         self.reference_dir = reference_dir
@@ -182,7 +164,7 @@ class SampleMetrics(L.Callback):
             ref = None
             if rank == 0:
                 ref = reference_stats(
-                    trainer.datamodule, self.quality.extractor, self.reference_split, pl_module.net.image_size,
+                    trainer.datamodule, self.quality.extractor, self.reference_split, pl_module.image_shape[-1],
                     self.reference_images, self.reference_dir,
                 )  # fmt: skip
             self.quality.set_reference(ref)
@@ -190,8 +172,8 @@ class SampleMetrics(L.Callback):
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # leaves training's random stream as it was
             generator = torch.Generator().manual_seed(self.seed + rank + world * step)
-            images = sample_uint8(module, rank_share(self.num_samples, rank, world), self.batch_size, generator,
-                                  **self.sampler)  # fmt: skip
+            share = rank_share(self.num_samples, rank, world)
+            images, _ = generate(module, share, self.batch_size, generator, self.sampler, uint8=True)
         self.quality.update(images)
         values = self.quality.compute(seed=self.seed + step)  # every rank: the states are gathered here
         self.quality.reset()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -14,31 +13,21 @@ from .ema import ema_module
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_epochs`` epochs (and at the end of training) sample ``num_samples`` images
-    with the EMA weights from the same initial noise, write ``<dirpath>/epoch_XXXX.png`` and log
-    the grid to TensorBoard. ``final_sampler`` overrides the sampler settings for the last grid."""
+    """Every ``every_n_epochs`` epochs (and at the end of training) sample ``num_samples`` images with the EMA
+    weights and the model's own sampler from the same initial noise, write ``<dirpath>/epoch_XXXX.png`` (the last:
+    ``final.png``) and log the grid to TensorBoard. A class-conditional model gets labels 0, 1, ... in turn."""
 
-    def __init__(
-        self,
-        dirpath: str = "grids",
-        every_n_epochs: int = 1,
-        num_samples: int = 64,
-        seed: int = 0,
-        sampler: dict[str, Any] | None = None,
-        final_sampler: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, dirpath: str = "grids", every_n_epochs: int = 1, num_samples: int = 64, seed: int = 0) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_epochs, self.num_samples, self.seed = every_n_epochs, num_samples, seed
-        self.sampler = dict(sampler or {})
-        self.final_sampler = dict(final_sampler or self.sampler)
         self.last_path: Path | None = None
 
-    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, sampler: dict[str, Any]) -> None:
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         module = ema_module(trainer, pl_module)
         g = torch.Generator().manual_seed(self.seed)
-        x_T = torch.randn(self.num_samples, *module.image_shape, generator=g)
-        y = torch.arange(self.num_samples) % module.net.num_classes if module.net.num_classes else None
-        images = module.sample(x_T=x_T, y=y, generator=g, **sampler).float().cpu()
+        noise = torch.randn(self.num_samples, *module.sample_shape, generator=g)
+        y = torch.arange(self.num_samples) % module.num_classes if module.num_classes else None
+        images = module.sample(noise=noise, y=y, generator=g).float().cpu()
         images = (images + 1) / 2
         nrow = max(1, int(self.num_samples**0.5))
         self.dirpath.mkdir(parents=True, exist_ok=True)
@@ -54,8 +43,8 @@ class SampleGrid(L.Callback):
         last_epoch = 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1
         ending = last_epoch or 0 < trainer.max_steps <= trainer.global_step
         if self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not ending:
-            self._draw(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}", self.sampler)
+            self._draw(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}")
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._draw(trainer, pl_module, "final", self.final_sampler)
+        self._draw(trainer, pl_module, "final")

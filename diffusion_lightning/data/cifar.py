@@ -106,35 +106,9 @@ class CIFAR10DataModule(ImageDataModule):
 
     name = "CIFAR-10"
 
-    def __init__(
-        self,
-        root: str = "data",
-        image_size: int = 32,
-        batch_size: int = 128,
-        num_workers: int = 2,
-        pin_memory: bool = True,
-        random_flip: bool = True,
-        val_samples: int | None = 1000,
-        class_labels: bool = False,
-        download: bool = True,
-        persistent_workers: bool = True,
-        seed: int = 0,
-        download_timeout: float = 30.0,
-    ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            random_flip=random_flip,
-            val_samples=val_samples,
-            class_labels=class_labels,
-            download=download,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            download_timeout=download_timeout,
-        )
+    def __init__(self, random_flip: bool = True, **kwargs: Any) -> None:
+        """As :class:`~.base.ImageDataModule`, with random flips on by default (as the DDPM paper trains)."""
+        super().__init__(random_flip=random_flip, **kwargs)
         self._data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._class_names: list[str] = list(CIFAR10_CLASSES)
 

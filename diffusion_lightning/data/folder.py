@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,28 +84,10 @@ class ImageFolderDataModule(ImageDataModule):
         train_dir: str | None = None,
         test_dir: str | None = None,
         test_fraction: float = 0.1,
-        batch_size: int = 128,
-        num_workers: int = 2,
-        pin_memory: bool = True,
-        random_flip: bool = False,
-        val_samples: int | None = 1000,
-        class_labels: bool = False,
-        persistent_workers: bool = True,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            random_flip=random_flip,
-            val_samples=val_samples,
-            class_labels=class_labels,
-            download=False,
-            persistent_workers=persistent_workers,
-            seed=seed,
-        )
+        """The other arguments are :class:`~.base.ImageDataModule`'s (``download`` is always off: nothing to get)."""
+        super().__init__(root=root, image_size=image_size, **{**kwargs, "download": False})
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if not 0.0 <= test_fraction < 1.0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,40 +59,16 @@ class _IDXDataModule(ImageDataModule):
     labels_text: tuple[str, ...] = ()
     native_size = 28
 
-    def __init__(
-        self,
-        root: str = "data",
-        image_size: int = 32,
-        resize: str = "pad",
-        batch_size: int = 128,
-        num_workers: int = 2,
-        pin_memory: bool = True,
-        random_flip: bool = False,
-        val_samples: int | None = 1000,
-        class_labels: bool = False,
-        download: bool = True,
-        persistent_workers: bool = True,
-        seed: int = 0,
-        download_timeout: float = 30.0,
-    ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            random_flip=random_flip,
-            val_samples=val_samples,
-            class_labels=class_labels,
-            download=download,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            download_timeout=download_timeout,
-        )
+    def __init__(self, resize: str = "pad", **kwargs: Any) -> None:
+        """``resize``: how 28x28 becomes ``image_size`` (``pad`` with the background, or ``resize``); the other
+        arguments are :class:`~.base.ImageDataModule`'s."""
+        super().__init__(**kwargs)
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-        if resize == "pad" and image_size < self.native_size:
-            raise ValueError(f'resize="pad" needs image_size >= {self.native_size}, got {image_size}; use "resize"')
+        if resize == "pad" and self.image_size < self.native_size:
+            raise ValueError(
+                f'resize="pad" needs image_size >= {self.native_size}, got {self.image_size}; use "resize"'
+            )
         self.resize = resize
         self._files: dict[str, tuple[Path, Path]] | None = None
         self._data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

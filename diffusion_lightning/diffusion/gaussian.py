@@ -7,7 +7,7 @@ the data's device and dtype, so the process itself holds no device state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,17 +20,12 @@ VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
 
 @dataclass
 class ModelPrediction:
-    """What a denoiser says about x_t: the clean image, the noise and, for learned-variance
+    """A network's output at x_t in the terms of the process: the clean image, the noise and, for learned-variance
     models, the raw interpolation output v of iDDPM eq. 15 (frac = (v + 1) / 2)."""
 
     x0: Tensor
     eps: Tensor
     var_values: Tensor | None = None
-
-
-# A denoiser maps (x_t, t) to a prediction; t holds *model* timesteps (indices into the
-# training process, even when the sampler runs a respaced process).
-Denoiser = Callable[[Tensor, Tensor], ModelPrediction]
 
 
 def _extract(arr: Tensor, t: Tensor, x: Tensor) -> Tensor:
@@ -66,6 +61,8 @@ class GaussianDiffusion:
         self.log_one_minus_alphas_cumprod = torch.log1p(-self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1).sqrt()
+        # The noise level of x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps (Karras et al. 2022, Table 1, VP).
+        self.sigmas = self.sqrt_recipm1_alphas_cumprod
 
         # q(x_{t-1} | x_t, x_0), DDPM eq. 6-7.
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -199,21 +196,3 @@ class GaussianDiffusion:
         x_0 (DDPM eq. 7 with x_0 -> x0_hat, equivalent to eq. 11 for eps)."""
         mean, _, _ = self.q_posterior_mean_variance(pred.x0, x_t, t)
         return mean, self.model_log_variance(variance_type, t, x_t, pred.var_values)
-
-
-def gaussian_data_denoiser(
-    diffusion: GaussianDiffusion, mu: float, sigma: float
-) -> Denoiser:
-    """The exact (Bayes-optimal) denoiser for data x_0 ~ N(mu, sigma^2 I).
-
-    x_t ~ N(sqrt(abar) mu, abar sigma^2 + 1 - abar), and E[eps | x_t] is linear in x_t:
-    eps_hat = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar sigma^2 + 1 - abar).
-    Used by the tests and benchmarks as a denoiser whose sampler outputs are known exactly.
-    """
-
-    def denoise(x_t: Tensor, t: Tensor) -> ModelPrediction:
-        abar = _extract(diffusion.alphas_cumprod, t, x_t)
-        eps = (1 - abar).sqrt() * (x_t - abar.sqrt() * mu) / (abar * sigma**2 + 1 - abar)
-        return ModelPrediction(diffusion.predict_x0_from_eps(x_t, t, eps), eps)
-
-    return denoise

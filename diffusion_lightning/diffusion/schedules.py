@@ -1,4 +1,5 @@
-"""Beta schedules (float64), timestep sub-sequences for respaced sampling."""
+"""Noise schedules (float64): discrete beta schedules, the continuous cosine log-SNR schedule, and the timestep
+sub-sequences of respaced sampling."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ from torch import Tensor
 
 
 def linear_beta_schedule(
-    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+    num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None
 ) -> Tensor:
-    """Ho et al. (2020), Sec. 4: betas linear from 1e-4 to 0.02 (for T=1000)."""
-    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    """Ho et al. (2020), Sec. 4: betas linear from 1e-4 to 0.02 for T = 1000. For other T both ends scale by 1000 / T
+    as in the improved-DDPM reference code (``get_named_beta_schedule``), so that alpha_bar_T stays near the same
+    value; explicit ``beta_start``/``beta_end`` are used as given."""
+    scale = 1000 / num_timesteps
+    start = 1e-4 * scale if beta_start is None else beta_start
+    end = 0.02 * scale if beta_end is None else beta_end
+    return torch.linspace(start, end, num_timesteps, dtype=torch.float64)
 
 
 def cosine_alpha_bar(t: Tensor | float, s: float = 0.008) -> Tensor:
@@ -57,11 +63,14 @@ def _require_t(num_timesteps: int | None) -> int:
 
 
 def space_timesteps(num_timesteps: int, spacing: int | str) -> list[int]:
-    """The timesteps (ascending) kept when sampling with fewer steps.
+    """The timesteps (ascending) kept when sampling with fewer steps, exactly as the improved-DDPM reference code
+    (``respace.py``) keeps them.
 
-    ``spacing`` is a number of evenly strided steps (``50``), ``"ddimN"`` (stride T//N from 0,
-    as in Song et al.'s DDIM code) or a comma list of section counts (``"10,15,20"``, Nichol &
-    Dhariwal's respacing: each equal section of [0, T) gets that many evenly spaced steps).
+    ``spacing`` is a number of evenly strided steps (``50``), ``"ddimN"`` (the largest integer stride from 0 that
+    gives exactly N steps, as in Song et al.'s DDIM code) or a comma list of section counts (``"10,15,20"``: each
+    equal section of [0, T) gets that many evenly spaced steps). Within a section the fractional stride is
+    accumulated in floating point and each position rounded (Python's round-half-even), as the reference does: the
+    positions are not ``round(j * stride)``, which rounds some ties the other way.
     """
     if isinstance(spacing, str):
         if spacing.startswith("ddim"):
@@ -69,22 +78,47 @@ def space_timesteps(num_timesteps: int, spacing: int | str) -> list[int]:
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == n:
                     return list(range(0, num_timesteps, stride))
-            if n == num_timesteps:
-                return list(range(num_timesteps))
-            raise ValueError(f"cannot get exactly {n} DDIM steps from T={num_timesteps}")
+            raise ValueError(f"cannot get exactly {n} DDIM steps from T={num_timesteps} with an integer stride")
         sections = [int(s) for s in spacing.split(",")]
     else:
         sections = [int(spacing)]
     if any(n < 1 for n in sections):
         raise ValueError(f"step counts must be positive, got {spacing!r}")
-    size_per = num_timesteps // len(sections)
-    extra = num_timesteps % len(sections)
-    start, kept = 0, []
+    size_per, extra = divmod(num_timesteps, len(sections))
+    start, kept = 0, set()
     for i, n in enumerate(sections):
         size = size_per + (1 if i < extra else 0)
         if n > size:
             raise ValueError(f"cannot take {n} steps from a section of {size} (T={num_timesteps})")
         stride = (size - 1) / (n - 1) if n > 1 else 1.0
-        kept += [start + round(stride * j) for j in range(n)]
+        position = 0.0
+        for _ in range(n):
+            kept.add(start + round(position))
+            position += stride
         start += size
-    return sorted(set(kept))
+    return sorted(kept)
+
+
+class CosineSchedule:
+    """The continuous-time cosine schedule of progressive distillation (Salimans & Ho 2022, Sec. 2 and their code's
+    ``logsnr_schedule_cosine``): alpha_t = cos(pi t / 2), sigma_t = sin(pi t / 2) for t in [0, 1], so the log-SNR is
+    lambda(t) = -2 log tan(pi t / 2); it is truncated to [logsnr_min, logsnr_max] by mapping t -> a t + b.
+
+    In the notation x = x0 + sigma eps of Karras et al. (2022) the noise level is sigma = exp(-lambda / 2) =
+    tan(a t + b): ``sigma(0) = exp(-logsnr_max / 2)``, ``sigma(1) = exp(-logsnr_min / 2)``.
+    """
+
+    def __init__(self, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> None:
+        if logsnr_min >= logsnr_max:
+            raise ValueError(f"need logsnr_min < logsnr_max, got {logsnr_min} and {logsnr_max}")
+        self.b = math.atan(math.exp(-0.5 * logsnr_max))
+        self.a = math.atan(math.exp(-0.5 * logsnr_min)) - self.b
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        """sigma(t) = tan(a t + b) (float64)."""
+        return torch.tan(self.a * torch.as_tensor(t, dtype=torch.float64) + self.b)
+
+    def t(self, sigma: Tensor | float) -> Tensor:
+        """The inverse, t(sigma) = (atan(sigma) - b) / a (in the dtype of ``sigma``, float64 for a number)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma
+        return (torch.atan(sigma) - self.b) / self.a

@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .gaussian import Denoiser, GaussianDiffusion, ModelPrediction, PredictionType, VarianceType
+from .denoisers import Clipped, Denoiser
+from .gaussian import GaussianDiffusion, ModelPrediction, PredictionType, VarianceType, _extract
 from .losses import mean_flat
-from .samplers import process_prediction
 
 LossType = Literal["hybrid", "vlb", "simple"]
 Progress = Callable[[Iterable[int]], Iterable[int]]
@@ -130,7 +130,7 @@ def hybrid_loss(
     prediction_type: PredictionType = "eps",
     lambda_vlb: float = 0.001,
     loss_type: LossType = "hybrid",
-    variance_type: VarianceType | None = None,
+    variance_type: VarianceType = "learned_range",
 ) -> dict[str, Tensor]:
     """Per-sample training losses of iDDPM Sec. 3.1 for a network output of C or 2C channels.
 
@@ -147,15 +147,16 @@ def hybrid_loss(
       of the whole bound for uniform t (the reference's rescaled KL loss). With importance
       sampling of t the caller multiplies by the sampler's weights 1 / (T p_t).
 
-    ``variance_type`` defaults to ``learned_range`` for 2C-channel outputs and ``fixed_small``
-    otherwise. For ``"simple"`` the returned ``vlb`` is a detached diagnostic.
+    ``learned_range`` needs a 2C-channel output (mean, then v); a fixed ``variance_type`` a C-channel one. For
+    ``"simple"`` the returned ``vlb`` is a detached diagnostic.
     """
     if loss_type not in ("hybrid", "vlb", "simple"):
         raise ValueError(f"unknown loss_type {loss_type!r}: use 'hybrid', 'vlb' or 'simple'")
     channels = x_t.shape[1]
-    learned = model_output.shape[1] == 2 * channels
-    if variance_type is None:
-        variance_type = "learned_range" if learned else "fixed_small"
+    learned = variance_type == "learned_range"
+    if model_output.shape[1] != (2 if learned else 1) * channels:
+        raise ValueError(f"a {variance_type} model needs {(2 if learned else 1) * channels} output channels, "
+                         f"got {model_output.shape[1]}")
     mean_out = model_output[:, :channels]
     target = diffusion.training_target(x0, noise, t, prediction_type)
     mse = mean_flat((target - mean_out) ** 2)
@@ -178,9 +179,16 @@ def hybrid_loss(
     return {"loss": mse + lambda_vlb * num_timesteps * vb, "mse": mse, "vlb": vb}
 
 
+def predict(denoiser: Denoiser, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor) -> ModelPrediction:
+    """The denoiser's prediction for the VP state x_t at process steps t (B,): it is called at
+    x = x_t / sqrt(alpha_bar_t) and sigma_t (a respaced process's sigma_t is that of its training timestep)."""
+    x0, var_values = denoiser.predict(x_t * _extract(diffusion.sqrt_recip_alphas_cumprod, t, x_t), diffusion.sigmas[t])
+    return ModelPrediction(x0, diffusion.predict_eps_from_x0(x_t, t, x0), var_values)
+
+
 @torch.no_grad()
 def calc_bpd_loop(
-    denoise_fn: Denoiser,
+    denoiser: Denoiser,
     diffusion: GaussianDiffusion,
     x0: Tensor,
     variance_type: VarianceType,
@@ -190,12 +198,12 @@ def calc_bpd_loop(
 ) -> dict[str, Tensor]:
     """Evaluate every term of the bound for one batch x0 in [-1, 1] (iDDPM Sec. 2, eq. 4-7).
 
-    For each step t = T-1 .. 0 draws x_t ~ q(x_t | x_0) with fresh noise and calls
-    ``denoise_fn(x_t, t_model)`` with the training process's timesteps (as the samplers do, so a
-    respaced ``diffusion`` evaluates the bound of the shorter chain). Returns per-sample
-    ``total_bpd`` = sum_t L_t + L_T and ``prior_bpd`` (B,), and ``vb``, ``xstart_mse``, ``mse``
-    (eps error) of shape (B, T), indexed by process step.
+    For each step t = T-1 .. 0 draws x_t ~ q(x_t | x_0) with fresh noise and asks the denoiser at sigma_t (so a
+    respaced ``diffusion`` evaluates the bound of the shorter chain); ``clip_denoised`` clips x0_hat to [-1, 1]
+    as the samplers do. Returns per-sample ``total_bpd`` = sum_t L_t + L_T and ``prior_bpd`` (B,), and ``vb``,
+    ``xstart_mse``, ``mse`` (eps error) of shape (B, T), indexed by process step.
     """
+    denoiser = Clipped(denoiser) if clip_denoised else denoiser
     batch, num_timesteps = x0.shape[0], diffusion.num_timesteps
     vb = torch.zeros(batch, num_timesteps, device=x0.device, dtype=x0.dtype)
     xstart_mse, mse = torch.zeros_like(vb), torch.zeros_like(vb)
@@ -204,8 +212,7 @@ def calc_bpd_loop(
         idx = torch.full((batch,), i, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = diffusion.q_sample(x0, idx, noise)
-        pred = denoise_fn(x_t, diffusion.timesteps[idx].to(x0.device))
-        pred = process_prediction(pred, diffusion, x_t, idx, clip_denoised, None)
+        pred = predict(denoiser, diffusion, x_t, idx)
         mean, log_var = diffusion.p_mean_variance(pred, x_t, idx, variance_type)
         # vlb_terms for a batch at one step: evaluate only the term that applies.
         vb[:, i] = _kl_bpd(diffusion, mean, log_var, x0, x_t, idx) if i > 0 else _decoder_bpd(mean, log_var, x0)
@@ -215,10 +222,9 @@ def calc_bpd_loop(
     return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-
 @torch.no_grad()
 def calc_bpd_stratified(
-    denoise_fn: Denoiser,
+    denoiser: Denoiser,
     diffusion: GaussianDiffusion,
     x0: Tensor,
     variance_type: VarianceType,
@@ -232,6 +238,7 @@ def calc_bpd_stratified(
     splitting [1, T) into ``num_strata`` equal strata and drawing one t per stratum and sample:
     sum_k |stratum_k| L_{t_k}. Costs ``num_strata + 1`` network calls per image instead of T.
     """
+    denoiser = Clipped(denoiser) if clip_denoised else denoiser
     batch, num_timesteps = x0.shape[0], diffusion.num_timesteps
     bounds = torch.linspace(1, num_timesteps, min(num_strata, num_timesteps - 1) + 1).round().long()
     total = prior_bpd(diffusion, x0).to(x0.device)
@@ -241,9 +248,7 @@ def calc_bpd_stratified(
         idx = lo + offset
         noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
         x_t = diffusion.q_sample(x0, idx, noise.to(device=x0.device, dtype=x0.dtype))
-        pred = process_prediction(
-            denoise_fn(x_t, diffusion.timesteps[idx].to(x0.device)), diffusion, x_t, idx, clip_denoised, None
-        )
+        pred = predict(denoiser, diffusion, x_t, idx)
         total = total + (hi - lo) * vlb_terms(diffusion, pred, x0, x_t, idx, variance_type)
     return {"total_bpd": total}
 
@@ -255,6 +260,7 @@ __all__ = [
     "discretized_gaussian_log_likelihood",
     "hybrid_loss",
     "normal_kl",
+    "predict",
     "prior_bpd",
     "vlb_terms",
 ]

@@ -2,36 +2,40 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from diffusion_lightning.diffusion import (
+    DiscreteVPDenoiser,
     GaussianDiffusion,
-    ModelPrediction,
+    calc_bpd_loop,
+    calc_bpd_stratified,
     get_beta_schedule,
     l_simple,
-    sample,
 )
+from diffusion_lightning.diffusion.denoisers import Conditioned
 from diffusion_lightning.diffusion.gaussian import PredictionType, VarianceType
+from diffusion_lightning.errors import UserError
+
+from .base import DiffusionModel, OptimizerFactory, SchedulerFactory
 
 
-class DDPM(L.LightningModule):
-    """Denoising diffusion with the simple loss (DDPM eq. 14) and a fixed reverse variance.
+class DDPM(DiffusionModel):
+    """Denoising diffusion with the simple loss (DDPM eq. 14) on T discrete timesteps.
 
     Args:
         net: the denoising network, called as ``net(x_t, t, y)``; must expose ``image_size``,
-            ``in_channels`` and ``num_classes``.
+            ``in_channels``, ``out_channels`` and ``num_classes``.
         num_timesteps, beta_schedule, beta_kwargs: the forward process (``beta_schedule`` may be a list).
         prediction_type: what the network predicts: ``eps`` (the paper), ``x0`` or ``v``.
-        variance_type: reverse variance for ancestral sampling (``fixed_small`` = beta~_t, ``fixed_large`` = beta_t).
-        lr, weight_decay, adam_betas, warmup_steps: Adam(W) with linear warm-up (DDPM: 2e-4, 5000 steps).
-        sampler: default sampler settings for :meth:`sample` (``name``, ``steps`` and sampler kwargs).
+        variance_type: the reverse variance of ancestral sampling and of the bound: ``fixed_small`` = beta~_t,
+            ``fixed_large`` = beta_t, ``learned_range`` = iDDPM eq. 15 from the network's second C output channels.
+            Decides once whether the variance is learned (``learned_variance``).
+        sampler, optimizer, lr_scheduler: see :class:`~.base.DiffusionModel`.
+        channels_last: run the network in channels-last memory format.
     """
 
     def __init__(
@@ -42,44 +46,42 @@ class DDPM(L.LightningModule):
         beta_kwargs: dict[str, float] | None = None,
         prediction_type: PredictionType = "eps",
         variance_type: VarianceType = "fixed_small",
-        lr: float = 2e-4,
-        weight_decay: float = 0.0,
-        adam_betas: Sequence[float] = (0.9, 0.999),
-        warmup_steps: int = 5000,
-        sampler: dict[str, Any] | None = None,
+        sampler: Mapping[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
         channels_last: bool = False,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["net"])
-        self.net = net
+        super().__init__(net, sampler, optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.diffusion = GaussianDiffusion(get_beta_schedule(beta_schedule, num_timesteps, **(beta_kwargs or {})))
         self.prediction_type = prediction_type
+        if variance_type not in ("fixed_small", "fixed_large", "learned_range"):
+            raise ValueError(f"unknown variance_type {variance_type!r}: use fixed_small, fixed_large or learned_range")
         self.variance_type = variance_type
-        self.sampler_defaults = {"name": "ddim", "steps": 50, **(sampler or {})}
+        self.learned_variance = variance_type == "learned_range"
+        want = (2 if self.learned_variance else 1) * net.in_channels
+        if net.out_channels != want:
+            kind = "a learned-variance model needs 2C" if self.learned_variance else "a fixed-variance model needs C"
+            raise ValueError(f"{kind} output channels: set model.net.out_channels={want} (got {net.out_channels})")
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        # The resolved run config (set by the training entry); saved so a checkpoint rebuilds its model.
-        self.run_config: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ network
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.net.in_channels, self.net.image_size, self.net.image_size)
-
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return self.net(x_t, t, y if self.net.num_classes else None)
+        return self.net(x_t, t, y if self.num_classes else None)
 
-    def denoiser(self, y: Tensor | None = None, net: nn.Module | None = None):
-        """The network as a pure denoiser (x_t, t) -> ModelPrediction for the samplers."""
+    def denoiser(self) -> DiscreteVPDenoiser:
+        return DiscreteVPDenoiser(self, self.diffusion, self.prediction_type, self.learned_variance)
 
-        def denoise(x_t: Tensor, t: Tensor) -> ModelPrediction:
-            out = self(x_t, t, y) if net is None else net(x_t, t, y)
-            return self.diffusion.prediction_from_output(out.float(), x_t, t, self.prediction_type)
-
-        return denoise
+    def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+        """As the base class; ancestral sampling without a ``variance_type`` uses the model's own."""
+        spec = super().sampler_spec(sampler, **overrides)
+        if spec.get("name") == "ddpm" and spec.get("variance_type") is None:
+            spec["variance_type"] = self.variance_type
+        return spec
 
     # ------------------------------------------------------------------ training
     def sample_timesteps(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -106,7 +108,7 @@ class DDPM(L.LightningModule):
         if train and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at global step {self.global_step}; "
-                "lower model.lr, raise warm-up or check the data. Checkpoints already written are kept."
+                "lower model.optimizer.lr, raise the warm-up or check the data. Checkpoints already written are kept."
             )
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(x0), sync_dist=not train)
         for name, value in terms.items():
@@ -137,92 +139,37 @@ class DDPM(L.LightningModule):
                     on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
                 )
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the global gradient norm before any clipping (``train/grad_norm``, as the papers' code logs it)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), batch_size=1)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            self.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay
-        )
-        warmup = max(int(hp.warmup_steps), 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ likelihood
     @torch.no_grad()
-    def sample(
+    def nll(
         self,
-        num_samples: int | None = None,
-        *,
-        x_T: Tensor | None = None,
+        x0: Tensor,
         y: Tensor | None = None,
+        *,
+        num_strata: int | None = None,
+        clip_denoised: bool = True,
+        variance_type: VarianceType | None = None,
         generator: torch.Generator | None = None,
         progress: Any = None,
-        **sampler_kwargs: Any,
-    ) -> Tensor:
-        """Images in [-1, 1] from the default sampler, or ``name=``/``steps=`` and its kwargs."""
-        kwargs = {**self.sampler_defaults, **sampler_kwargs}
-        name = kwargs.pop("name")
-        if name == "ddpm":
-            kwargs.setdefault("variance_type", self.variance_type)
-        if x_T is None:
-            if num_samples is None:
-                raise ValueError("give num_samples or x_T")
-            x_T = torch.randn(num_samples, *self.image_shape, generator=generator)
-        x_T = x_T.to(self.device)
-        if self.net.num_classes and y is None:
-            y = torch.randint(0, self.net.num_classes, (x_T.shape[0],), generator=generator)
-        y = y.to(self.device) if y is not None else None
-        was_training = self.training
-        self.eval()
-        try:
-            x0 = sample(name, self.denoiser(y), self.diffusion, x_T, generator=generator, progress=progress, **kwargs)
-        finally:
-            self.train(was_training)
-        return x0.clamp(-1, 1)
+    ) -> dict[str, Tensor]:
+        """The variational bound in bits/dim per image (iDDPM eq. 4-7, prior L_T included) of images x0 in [-1, 1].
 
-    def setup(self, stage: str) -> None:
-        # Distinct noise and timesteps on every DDP rank (rank 0 keeps the seeded stream).
-        if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
-            torch.manual_seed(torch.initial_seed() + 1000003 * self.global_rank)
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.run_config is not None:
-            checkpoint["run_config"] = self.run_config
-        checkpoint["rng_states"] = _rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Restoring the RNG makes a resumed run draw the same data order, t and noise as an
-        # uninterrupted one (exact when resuming at an epoch boundary on one process).
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
-            if self._trainer is not None and self.trainer.world_size > 1 and self.global_rank > 0:
-                torch.manual_seed(int(torch.randint(2**31, (1,))) + 1000003 * self.global_rank)
-
-
-def _rng_states() -> dict[str, Any]:
-    """RNG states as tensors and ints only, so checkpoints load with ``weights_only=True``."""
-    np_state = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *map(int, np_state[2:4]), float(np_state[4])],
-        "python": [list(random.getstate()[1]), random.getstate()[0]],
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    py_state, version = states["python"]
-    random.setstate((version, tuple(py_state), None))
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        All T terms (``total_bpd``, ``prior_bpd`` and the per-step ``vb`` (B, T)), or with ``num_strata`` the
+        unbiased stratified estimate of ``total_bpd`` (K + 1 network calls per image). ``clip_denoised`` clips x0_hat
+        as the samplers do; ``variance_type`` scores a fixed-variance model under the other fixed variance (a
+        learned-variance model only under its own).
+        """
+        variance_type = variance_type or self.variance_type
+        if (variance_type == "learned_range") != self.learned_variance:
+            raise UserError(
+                f"variance_type={variance_type} does not fit this {self.variance_type} model: a fixed-variance model "
+                "takes fixed_small or fixed_large, a learned-variance one only its own (leave it null)"
+            )
+        denoiser = Conditioned(self.denoiser(), y if self.num_classes else None)
+        x0 = x0.to(self.device)
+        with self.eval_mode():
+            if num_strata:
+                return calc_bpd_stratified(
+                    denoiser, self.diffusion, x0, variance_type, num_strata, clip_denoised, generator=generator
+                )
+            return calc_bpd_loop(denoiser, self.diffusion, x0, variance_type, clip_denoised, progress, generator)

@@ -39,11 +39,6 @@ class ImprovedDDPM(DDPM):
         super().__init__(
             net, num_timesteps=num_timesteps, beta_schedule=beta_schedule, variance_type=variance_type, **kwargs
         )
-        if variance_type == "learned_range" and net.out_channels != 2 * net.in_channels:
-            raise ValueError(
-                f"a learned-variance model needs 2C output channels: set model.net.out_channels="
-                f"{2 * net.in_channels} (got {net.out_channels})"
-            )
         self.loss_type, self.lambda_vlb = loss_type, lambda_vlb
         importance = (timestep_sampler or ("importance" if loss_type == "vlb" else "uniform")) == "importance"
         self.timestep_sampler: UniformSampler = (
@@ -60,7 +55,7 @@ class ImprovedDDPM(DDPM):
         out = self(x_t, t, y).float()
         terms = hybrid_loss(
             self.diffusion, out, x0, x_t, t, noise, self.prediction_type, self.lambda_vlb, self.loss_type,
-            self.variance_type if out.shape[1] == 2 * x0.shape[1] else None,
+            self.variance_type,
         )
         return {**terms, "t": t, "weights": weights}
 

@@ -1,0 +1,56 @@
+"""Small utilities the entry points and callbacks share (so that no entry point imports another)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from hydra.errors import InstantiationException
+from rich.progress import track
+from torch import Tensor
+
+from ..data.errors import DatasetError
+from ..errors import UserError
+from ..images import to_uint8
+
+R = TypeVar("R")
+
+
+def run_or_exit(fn: Callable[[Any], R], cfg: Any) -> R:
+    """Run an entry point; bad input ends it with its message and exit code 2, no stack trace."""
+    try:
+        return fn(cfg)
+    except (UserError, DatasetError, InstantiationException, FloatingPointError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or a torch device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def generate(
+    model: Any,
+    num_samples: int,
+    batch_size: int,
+    generator: torch.Generator,
+    sampler: Mapping[str, Any] | None = None,
+    show_progress: bool = False,
+    uint8: bool = False,
+) -> tuple[Tensor, int]:
+    """``num_samples`` images from ``model.sample`` in batches drawn from one generator, on the CPU: floats in
+    [-1, 1], or with ``uint8`` quantised as saved PNGs are (:func:`~diffusion_lightning.images.to_uint8`). Returns
+    them with the counted network evaluations per sample. ``sampler`` None: the model's own."""
+    chunks, nfe = [], 0
+    starts = range(0, num_samples, batch_size)
+    for start in track(starts, description="sampling", transient=True) if show_progress else starts:
+        n = min(batch_size, num_samples - start)
+        images, nfe = model.sample(n, generator=generator, sampler=sampler, return_nfe=True)
+        images = images.float().cpu()
+        chunks.append(to_uint8(images) if uint8 else images)
+    return torch.cat(chunks), nfe

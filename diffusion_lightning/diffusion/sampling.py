@@ -1,0 +1,85 @@
+"""One entry for every sampler: ``sample(denoiser, noise, name, steps=..., grid=..., **options) -> SampleOutput``.
+
+It builds the grid (:func:`~.grids.sampling_sigmas`), scales standard-normal ``noise`` to the denoiser's prior at the
+first level, applies clipping / thresholding and class labels as denoiser wrappers, runs the sampler and returns the
+result with its NFE, counted from the denoiser calls (per batch, i.e. per sample).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .denoisers import Clipped, Conditioned, Counted, Denoiser
+from .grids import sampling_sigmas
+from .samplers import Progress, consistency_sample, ddim_sample, ddpm_sample, dpmpp_2m_sample, heun_sample
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "dpmpp": dpmpp_2m_sample,
+    "heun": heun_sample,
+    "consistency": consistency_sample,
+}
+
+
+def documented_nfe(name: str, num_sigmas: int) -> int:
+    """The cost each sampler documents for a grid of ``num_sigmas`` nonzero levels: 2N - 1 for Heun, else N."""
+    return 2 * num_sigmas - 1 if name == "heun" else num_sigmas
+
+
+class SampleOutput(NamedTuple):
+    x: Tensor  # the samples at sigma = 0
+    nfe: int  # denoiser evaluations, counted
+    sigmas: Tensor  # the grid that was run
+
+
+def sampler_options(name: str) -> list[str]:
+    """The options sampler ``name`` takes besides the shared arguments."""
+    shared = {"denoiser", "x", "sigmas", "generator", "progress"}
+    return [p for p in inspect.signature(SAMPLERS[name]).parameters if p not in shared]
+
+
+def sample(
+    denoiser: Denoiser,
+    noise: Tensor,
+    name: str = "ddim",
+    *,
+    steps: int | str | None = None,
+    grid: str | Sequence[float] = "native",
+    rho: float = 7.0,
+    clip_denoised: bool = True,
+    threshold: float | None = None,
+    y: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: Progress | None = None,
+    **options: Any,
+) -> SampleOutput:
+    """Run sampler ``name`` from ``noise`` ~ N(0, I) on the grid given by ``steps`` / ``grid`` / ``rho``
+    (:func:`~.grids.sampling_sigmas`).
+
+    ``clip_denoised`` clips x0_hat to [-1, 1] at every step, ``threshold`` (a percentile) applies Imagen's dynamic
+    thresholding instead; ``y`` are class labels; ``options`` go to the sampler (e.g. ``eta``, ``variance_type``,
+    ``s_churn``).
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(SAMPLERS))}")
+    if unknown := sorted(set(options) - set(sampler_options(name))):
+        raise ValueError(
+            f"sampler {name!r} has no option {', '.join(unknown)}; it takes: "
+            f"{', '.join(['steps', 'grid', 'rho', 'clip_denoised', 'threshold', *sampler_options(name)])}"
+        )
+    sigmas = sampling_sigmas(denoiser, steps, grid, rho)
+    wrapped: Denoiser = denoiser
+    if threshold is not None or clip_denoised:
+        wrapped = Clipped(wrapped, threshold)
+    if y is not None:
+        wrapped = Conditioned(wrapped, y)
+    counted = Counted(wrapped)
+    x = noise * denoiser.prior_std(float(sigmas[0]))
+    out = SAMPLERS[name](counted, x, sigmas, generator=generator, progress=progress, **options)
+    return SampleOutput(out, counted.nfe, sigmas)

@@ -1,0 +1,195 @@
+"""What every diffusion recipe shares: the sampling pipeline (prior noise -> sampler -> decode), the optimiser and LR
+schedule from config, per-rank seeding, RNG state in checkpoints and the logged gradient norm.
+
+A recipe subclasses :class:`DiffusionModel`, defines its training step and :meth:`~DiffusionModel.denoiser` (its
+network presented through the denoiser contract of :mod:`diffusion_lightning.diffusion.denoisers`), and, for a
+latent model, :meth:`~DiffusionModel.decode`. Callbacks and entry points only use :meth:`~DiffusionModel.sample`,
+``image_shape``, ``num_classes`` and ``sampler``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from diffusion_lightning.diffusion import Denoiser, sample
+
+#: Written into every checkpoint; 1 (absent) = before the denoiser contract (issue 14). See
+#: :func:`diffusion_lightning.checkpoint.upgrade_run_config`.
+CHECKPOINT_FORMAT = 2
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate ramped linearly from lr / warmup_steps to lr over the first ``warmup_steps`` optimizer
+    steps, then constant (DDPM: 5000 steps)."""
+    warmup = max(int(warmup_steps), 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+
+class DiffusionModel(L.LightningModule):
+    """Base of the recipes (module docstring).
+
+    Args:
+        net: the network; it gives the default ``image_shape`` (``in_channels``, ``image_size``) and ``num_classes``.
+        sampler: the model's own sampler settings (a ``conf/sampler`` entry: ``name``, ``steps``, ``grid``, options),
+            used whenever a caller names none.
+        optimizer: a factory ``optimizer(params)`` (a Hydra ``_partial_`` target); default AdamW(lr=2e-4).
+        lr_scheduler: a factory ``lr_scheduler(optimizer)`` stepped every optimizer step, or None.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sampler: Mapping[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.sampler = {"name": "ddim", "steps": 50, **(sampler or {})}
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=2e-4)
+        self.lr_scheduler_factory = lr_scheduler
+        # The resolved run config (set by the training entry); saved so a checkpoint rebuilds its model.
+        self.run_config: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ what callers ask
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images :meth:`sample` returns."""
+        return (self.net.in_channels, self.net.image_size, self.net.image_size)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of a class-conditional model, else None."""
+        return self.net.num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample in the space the sampler runs in (the image for a pixel model)."""
+        return self.image_shape
+
+    def denoiser(self) -> Denoiser:
+        """The network through the denoiser contract: D(x, sigma, y) -> x0_hat."""
+        raise NotImplementedError
+
+    def decode(self, x: Tensor) -> Tensor:
+        """The sampler's output as images in [-1, 1] (the identity for a pixel model)."""
+        return x
+
+    def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+        """The sampler settings a call runs with: ``sampler`` (or the model's own when None) updated by
+        ``overrides``."""
+        return {**(self.sampler if sampler is None else sampler), **overrides}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int | None = None,
+        *,
+        noise: Tensor | None = None,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: Any = None,
+        sampler: Mapping[str, Any] | None = None,
+        return_nfe: bool = False,
+        **overrides: Any,
+    ) -> Tensor | tuple[Tensor, int]:
+        """Images in [-1, 1]: prior noise -> sampler -> :meth:`decode`, in eval mode.
+
+        ``noise`` (standard normal, ``sample_shape``) or ``num_samples`` of it drawn from ``generator``; ``y`` class
+        labels (random ones from ``generator`` for a class-conditional model when None); ``sampler`` replaces the
+        model's own settings and ``overrides`` update them (e.g. ``steps=20``). With ``return_nfe`` also the counted
+        network evaluations per sample.
+        """
+        spec = self.sampler_spec(sampler, **overrides)
+        name = spec.pop("name")
+        if noise is None:
+            if num_samples is None:
+                raise ValueError("give num_samples or noise")
+            noise = torch.randn(num_samples, *self.sample_shape, generator=generator)
+        noise = noise.to(self.device)
+        if self.num_classes and y is None:
+            y = torch.randint(0, self.num_classes, (noise.shape[0],), generator=generator)
+        y = y.to(self.device) if y is not None and self.num_classes else None
+        with self.eval_mode():
+            out = sample(self.denoiser(), noise, name, y=y, generator=generator, progress=progress, **spec)
+            images = self.decode(out.x).clamp(-1, 1)
+        return (images, out.nfe) if return_nfe else images
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Eval mode (no dropout) inside, the previous mode restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the global gradient norm before any clipping (``train/grad_norm``, as the papers' code logs it)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), batch_size=1)
+
+    def setup(self, stage: str) -> None:
+        # Distinct noise and timesteps on every DDP rank (rank 0 keeps the seeded stream).
+        if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
+            torch.manual_seed(torch.initial_seed() + 1000003 * self.global_rank)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config
+        checkpoint["format"] = CHECKPOINT_FORMAT
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restoring the RNG makes a resumed run draw the same data order, t and noise as an
+        # uninterrupted one (exact when resuming at an epoch boundary on one process).
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+            if self._trainer is not None and self.trainer.world_size > 1 and self.global_rank > 0:
+                torch.manual_seed(int(torch.randint(2**31, (1,))) + 1000003 * self.global_rank)
+
+
+def _rng_states() -> dict[str, Any]:
+    """RNG states as tensors and ints only, so checkpoints load with ``weights_only=True``."""
+    np_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *map(int, np_state[2:4]), float(np_state[4])],
+        "python": [list(random.getstate()[1]), random.getstate()[0]],
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    py_state, version = states["python"]
+    random.setstate((version, tuple(py_state), None))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,61 @@
+"""Every config composes and instantiates: each experiment's model and data module, each sampler through a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF, TINY_NET
+from hydra.utils import instantiate
+
+from diffusion_lightning.data.base import ImageDataModule
+from diffusion_lightning.models import DiffusionModel
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+SAMPLERS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
+
+
+def test_the_groups_are_not_empty():
+    assert {"ddpm_fmnist", "ddpm_cifar", "iddpm_fmnist", "iddpm_cifar"} <= set(EXPERIMENTS)
+    assert {"ddpm", "ddim", "dpmpp", "heun", "consistency"} <= set(SAMPLERS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, compose_train, tmp_path):
+    """The model (the paper-sized networks too), its optimiser and LR schedule, its sampler, and the data module
+    (constructed only: no data is read)."""
+    cfg = compose_train([f"experiment={experiment}", f"paths.data_dir={tmp_path}"])
+    model = instantiate(cfg.model, _convert_="all")
+    assert isinstance(model, DiffusionModel)
+    assert model.sampler == {**cfg.sampler} and model.sampler["name"] == cfg.sampler.name
+    optimizers = model.configure_optimizers()
+    assert isinstance(optimizers["optimizer"], torch.optim.Optimizer)
+    assert optimizers["optimizer"].defaults["lr"] == cfg.model.optimizer.lr
+    assert model.image_shape == (cfg.model.net.in_channels, cfg.data.image_size, cfg.data.image_size)
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, ImageDataModule) and datamodule.image_size == cfg.data.image_size
+    assert Path(datamodule.root) == tmp_path
+    for name in ("callbacks", "logger"):
+        for entry in (cfg.get(name) or {}).values():
+            if entry is not None:
+                instantiate(entry)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_config_runs_through_a_model(sampler, compose_train, image_folder):
+    """``sampler=<name>`` gives the model's sampling pipeline a complete, valid setting."""
+    from conftest import folder_data
+
+    cfg = compose_train(folder_data(image_folder) + TINY_NET + [f"sampler={sampler}", "sampler.steps=3"])
+    model = instantiate(cfg.model, _convert_="all")
+    images, nfe = model.sample(2, generator=torch.Generator().manual_seed(0), return_nfe=True)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    assert nfe == (5 if sampler == "heun" else 3)
+
+
+def test_sample_and_evaluate_default_to_the_checkpoints_own_sampler(compose_train):
+    sample_cfg = compose_train(["ckpt=x.ckpt"], "sample")
+    assert sample_cfg.get("sampler") is None  # the model's own
+    chosen = compose_train(["ckpt=x.ckpt", "sampler=dpmpp", "sampler.steps=12"], "evaluate")
+    assert (chosen.sampler.name, chosen.sampler.steps, chosen.sampler.lower_order_final) == ("dpmpp", 12, True)
