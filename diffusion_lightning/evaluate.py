@@ -44,6 +44,7 @@ def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     """The variational bound in bits/dim (iDDPM eq. 4-7, prior L_T included) on the test split (``model.nll``)."""
     if not hasattr(model, "nll"):
         raise UserError(f"{type(model).__name__} has no likelihood bound: metric=nll needs a DDPM-family model")
+    variance_type = model.nll_variance_type(cfg.nll.variance_type)  # a bad one fails here, before any data is read
     data = datamodule_for(cfg, model).dataset(cfg.nll.split)
     if cfg.nll.num_images is not None:
         data = Subset(data, range(min(int(cfg.nll.num_images), len(data))))
@@ -51,7 +52,6 @@ def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     g = torch.Generator().manual_seed(cfg.seed) if device.type == "cpu" else None
     torch.manual_seed(cfg.seed)
     clip = bool(cfg.nll.clip_denoised)
-    variance_type = cfg.nll.variance_type or model.variance_type
     totals, priors, terms_sum = [], [], None
     for x0, y in track(loader, description=f"NLL on {len(data)} {cfg.nll.split} images"):
         out = model.nll(x0, y.to(device), num_strata=cfg.nll.num_strata, clip_denoised=clip,

@@ -140,6 +140,17 @@ class DDPM(DiffusionModel):
                 )
 
     # ------------------------------------------------------------------ likelihood
+    def nll_variance_type(self, variance_type: VarianceType | None = None) -> VarianceType:
+        """The reverse variance the bound is scored under: the model's own for None; a fixed-variance model also
+        takes the other fixed one, a learned-variance model only its own."""
+        variance_type = variance_type or self.variance_type
+        if (variance_type == "learned_range") != self.learned_variance:
+            raise UserError(
+                f"variance_type={variance_type} does not fit this {self.variance_type} model: a fixed-variance model "
+                "takes fixed_small or fixed_large, a learned-variance one only its own (leave it null)"
+            )
+        return variance_type
+
     @torch.no_grad()
     def nll(
         self,
@@ -156,15 +167,9 @@ class DDPM(DiffusionModel):
 
         All T terms (``total_bpd``, ``prior_bpd`` and the per-step ``vb`` (B, T)), or with ``num_strata`` the
         unbiased stratified estimate of ``total_bpd`` (K + 1 network calls per image). ``clip_denoised`` clips x0_hat
-        as the samplers do; ``variance_type`` scores a fixed-variance model under the other fixed variance (a
-        learned-variance model only under its own).
+        as the samplers do; ``variance_type``: see :meth:`nll_variance_type`.
         """
-        variance_type = variance_type or self.variance_type
-        if (variance_type == "learned_range") != self.learned_variance:
-            raise UserError(
-                f"variance_type={variance_type} does not fit this {self.variance_type} model: a fixed-variance model "
-                "takes fixed_small or fixed_large, a learned-variance one only its own (leave it null)"
-            )
+        variance_type = self.nll_variance_type(variance_type)
         denoiser = Conditioned(self.denoiser(), y if self.num_classes else None)
         x0 = x0.to(self.device)
         with self.eval_mode():
