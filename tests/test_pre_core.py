@@ -125,6 +125,12 @@ def test_old_checkpoint_config_is_upgraded_and_resumes(compose_train, image_fold
         cfg.model.optimizer.lr = old["run_config"]["model"]["lr"]
     out = train(cfg)
     assert out["trainer"].global_step == 32
+    with open_dict(cfg):  # the new default schedule at T = 50 would not be the one it was trained with
+        cfg.model.num_timesteps, cfg.trainer.max_steps = 50, 34
+    from diffusion_lightning.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"another noise schedule \(T=1000"):
+        train(cfg)
     resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert resumed["format"] == 2 and resumed["global_step"] == 32
     assert resumed["optimizer_states"][0]["state"][0]["step"].item() == 32  # Adam went on counting

@@ -244,6 +244,12 @@ def test_checkpoint_errors(compose_train, image_folder, tmp_path):
     other = compose_train(_fit_overrides(image_folder, max_steps=2) + wider)
     with pytest.raises(CheckpointError, match="different model"):
         train(other)
+    # the same network under another forward process: refused before any step (the weights would fit)
+    other_t = compose_train(_fit_overrides(image_folder, max_steps=2) + [f"ckpt_path={good}", "model.num_timesteps=60"])
+    with open_dict(other_t):
+        other_t.paths.output_dir = str(tmp_path / "other_t")
+    with pytest.raises(CheckpointError, match="another noise schedule"):
+        train(other_t)
     # corrupt file
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(good.read_bytes()[:1000])

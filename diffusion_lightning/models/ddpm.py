@@ -18,7 +18,7 @@ from diffusion_lightning.diffusion import (
 )
 from diffusion_lightning.diffusion.denoisers import Conditioned
 from diffusion_lightning.diffusion.gaussian import PredictionType, VarianceType
-from diffusion_lightning.errors import UserError
+from diffusion_lightning.errors import CheckpointError, UserError
 
 from .base import DiffusionModel, OptimizerFactory, SchedulerFactory
 
@@ -138,6 +138,30 @@ class DDPM(DiffusionModel):
                     f"{stage}/loss_q{q}", losses[mask].mean(), batch_size=int(mask.sum()),
                     on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
                 )
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["betas"] = self.diffusion.betas
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a run under another forward process (T, schedule or its ends): the network would go on
+        training for timesteps that mean other noise levels."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("betas")
+        if saved is None and "run_config" in checkpoint:  # written before the betas were saved
+            from diffusion_lightning.checkpoint import upgrade_run_config
+
+            old = upgrade_run_config(checkpoint["run_config"], int(checkpoint.get("format", 1)))["model"]
+            saved = get_beta_schedule(old["beta_schedule"], old["num_timesteps"], **(old.get("beta_kwargs") or {}))
+        betas = self.diffusion.betas
+        if saved is not None and (saved.shape != betas.shape or not torch.allclose(saved, betas, rtol=1e-9, atol=0)):
+            raise CheckpointError(
+                f"the checkpoint was trained with another noise schedule (T={len(saved)}, beta {float(saved[0]):.4g}"
+                f" to {float(saved[-1]):.4g}) than this run's (T={len(betas)}, beta {float(betas[0]):.4g} to "
+                f"{float(betas[-1]):.4g}): resume with the model config it was trained with (model.num_timesteps, "
+                "model.beta_schedule, model.beta_kwargs)"
+            )
 
     # ------------------------------------------------------------------ likelihood
     def nll_variance_type(self, variance_type: VarianceType | None = None) -> VarianceType:
