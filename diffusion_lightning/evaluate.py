@@ -83,6 +83,8 @@ def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
 
 def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
     """FID/KID (and IS where the extractor has logits) of generated samples against real data."""
+    if cfg.images == "samples":
+        model.sampler_spec(sampler_of(cfg))  # bad sampler settings fail here, before the reference is computed
     extractor = get_extractor(cfg.extractor, device=device, **cfg.extractor_kwargs)
     datamodule = datamodule_for(cfg, model)
     ref = load_or_compute_reference_stats(

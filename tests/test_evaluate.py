@@ -106,6 +106,13 @@ def test_fid_line(compose_train, checkpoint, ref_dir, tmp_path):
     assert len(records) == 2 and records[1]["ema"] is False and records[1]["fid"] != record["fid"]
 
 
+def test_bad_sampler_settings_fail_before_any_work(compose_train, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_mod, "load_or_compute_reference_stats", None)  # must not be reached
+    cfg = compose_train([f"ckpt={checkpoint}", *FID_ARGS, "+sampler.variance_type=fixed_large"], "evaluate")
+    with pytest.raises(evaluate_mod.UserError, match="sampler 'ddim' has no option variance_type; it takes: steps"):
+        evaluate_mod.evaluate(cfg)
+
+
 def test_fid_of_real_images_against_themselves_is_zero(compose_train, checkpoint, ref_dir, tmp_path, monkeypatch):
     """Through evaluate_fid: 'samples' that are the reference images themselves give FID ~ 0 (more images than
     feature dimensions, so the covariances are full rank)."""

@@ -8,7 +8,7 @@ result with its NFE, counted from the denoiser calls (per batch, i.e. per sample
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -38,10 +38,23 @@ class SampleOutput(NamedTuple):
     sigmas: Tensor  # the grid that was run
 
 
+SHARED_OPTIONS = ("steps", "grid", "rho", "clip_denoised", "threshold")
+
+
 def sampler_options(name: str) -> list[str]:
     """The options sampler ``name`` takes besides the shared arguments."""
     shared = {"denoiser", "x", "sigmas", "generator", "progress"}
     return [p for p in inspect.signature(SAMPLERS[name]).parameters if p not in shared]
+
+
+def check_sampler(name: str, options: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the valid choices if ``name`` is no sampler or ``options`` holds a key it does not
+    take (the shared grid and clipping keys, or its own options)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(SAMPLERS))}")
+    valid = [*SHARED_OPTIONS, *sampler_options(name)]
+    if unknown := sorted(set(options) - set(valid)):
+        raise ValueError(f"sampler {name!r} has no option {', '.join(unknown)}; it takes: {', '.join(valid)}")
 
 
 def sample(
@@ -66,13 +79,7 @@ def sample(
     thresholding instead; ``y`` are class labels; ``options`` go to the sampler (e.g. ``eta``, ``variance_type``,
     ``s_churn``).
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(SAMPLERS))}")
-    if unknown := sorted(set(options) - set(sampler_options(name))):
-        raise ValueError(
-            f"sampler {name!r} has no option {', '.join(unknown)}; it takes: "
-            f"{', '.join(['steps', 'grid', 'rho', 'clip_denoised', 'threshold', *sampler_options(name)])}"
-        )
+    check_sampler(name, options)
     sigmas = sampling_sigmas(denoiser, steps, grid, rho)
     wrapped: Denoiser = denoiser
     if threshold is not None or clip_denoised:

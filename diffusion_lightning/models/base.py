@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lightning.diffusion import Denoiser, sample
+from diffusion_lightning.diffusion.sampling import check_sampler
+from diffusion_lightning.errors import UserError
 
 #: Written into every checkpoint; 1 (absent) = before the denoiser contract (issue 14). See
 #: :func:`diffusion_lightning.checkpoint.upgrade_run_config`.
@@ -89,8 +91,13 @@ class DiffusionModel(L.LightningModule):
 
     def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
         """The sampler settings a call runs with: ``sampler`` (or the model's own when None) updated by
-        ``overrides``."""
-        return {**(self.sampler if sampler is None else sampler), **overrides}
+        ``overrides``; a :class:`~diffusion_lightning.errors.UserError` names what is wrong with them."""
+        spec = {**(self.sampler if sampler is None else sampler), **overrides}
+        try:
+            check_sampler(spec.get("name", ""), {k: v for k, v in spec.items() if k != "name"})
+        except ValueError as e:
+            raise UserError(f"{e} (sampler settings: {spec})") from None
+        return spec
 
     @torch.no_grad()
     def sample(

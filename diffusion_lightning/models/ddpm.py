@@ -79,7 +79,7 @@ class DDPM(DiffusionModel):
     def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
         """As the base class; ancestral sampling without a ``variance_type`` uses the model's own."""
         spec = super().sampler_spec(sampler, **overrides)
-        if spec.get("name") == "ddpm" and spec.get("variance_type") is None:
+        if spec["name"] == "ddpm" and spec.get("variance_type") is None:
             spec["variance_type"] = self.variance_type
         return spec
 
