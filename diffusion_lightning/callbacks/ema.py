@@ -6,10 +6,11 @@ The averaged copy is what a checkpoint's ``state_dict`` holds (the raw weights g
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
-from torch import Tensor
 
 
 def ema_decay(decay: float, num_averaged: int, warmup: bool) -> float:
@@ -20,21 +21,49 @@ def ema_decay(decay: float, num_averaged: int, warmup: bool) -> float:
 
 
 class EMA(WeightAveraging):
-    """EMA of the parameters, updated every ``update_every_n_steps`` optimizer steps."""
+    """EMA of the parameters, updated every ``update_every_n_steps`` optimizer steps.
+
+    The update runs with a host-side count of the averages taken (read from the device once per fit), so a training
+    step on a GPU makes no host-device synchronisation for it (torch's ``AveragedModel.update_parameters`` reads
+    ``n_averaged`` from the device twice per call). The average is kept in float32 whatever the training precision
+    (Lightning's ``*-mixed`` precisions keep float32 parameters).
+    """
 
     def __init__(
         self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1, device: str | None = None
     ) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
-
-        @torch.no_grad()
-        def update(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-            d = ema_decay(decay, int(num_averaged), warmup)
-            torch._foreach_lerp_(ema, current, 1.0 - d)
-
-        super().__init__(device=device, use_buffers=False, multi_avg_fn=update)
+        super().__init__(device=device, use_buffers=False)
         self.decay, self.warmup, self.update_every_n_steps = decay, warmup, update_every_n_steps
+        self._num_averaged: int | None = None  # host copy of AveragedModel.n_averaged
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # read once, after any checkpoint has been restored
+        self._num_averaged = None if self._average_model is None else int(self._average_model.n_averaged)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step_idx = trainer.global_step - 1  # as WeightAveraging: zero-based index of the optimizer step just taken
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
+            self._update(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def _update(self, pl_module: L.LightningModule) -> None:
+        """theta_ema <- d theta_ema + (1 - d) theta, with d = :func:`ema_decay` of the averages taken so far (the
+        first update copies the weights)."""
+        average = self._average_model
+        assert average is not None
+        if self._num_averaged is None:  # fit without on_train_start (never in Lightning's loop)
+            self._num_averaged = int(average.n_averaged)
+        ema = list(average.parameters())
+        current = [p.detach().to(e.device) for p, e in zip(pl_module.parameters(), ema, strict=True)]
+        if self._num_averaged == 0:
+            torch._foreach_copy_(ema, current)
+        else:
+            torch._foreach_lerp_(ema, current, 1.0 - ema_decay(self.decay, self._num_averaged, self.warmup))
+        average.n_averaged += 1
+        self._num_averaged += 1
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0

@@ -1,12 +1,14 @@
 """The Gaussian diffusion process: forward marginals, true posterior, parameterisations.
 
 Notation follows Ho et al. (2020) "DDPM" and Nichol & Dhariwal (2021) "iDDPM". All schedule
-tensors are float64 on the CPU; ``_extract`` gathers per-sample coefficients and casts them to
-the data's device and dtype, so the process itself holds no device state.
+tensors are float64 on the CPU; ``_extract`` gathers per-sample coefficients on the timesteps' device (a copy
+of each schedule per device is cached, so a training step on a GPU makes no host-device transfer) and casts them
+to the data's dtype.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,9 +30,22 @@ class ModelPrediction:
     var_values: Tensor | None = None
 
 
+_DEVICE_COPIES: weakref.WeakKeyDictionary[Tensor, dict[torch.device, Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _on_device(arr: Tensor, device: torch.device) -> Tensor:
+    """``arr`` on ``device``, copied once per (array, device)."""
+    if arr.device == device:
+        return arr
+    copies = _DEVICE_COPIES.setdefault(arr, {})
+    if device not in copies:
+        copies[device] = arr.to(device)
+    return copies[device]
+
+
 def _extract(arr: Tensor, t: Tensor, x: Tensor) -> Tensor:
-    """arr[t] broadcast to x's shape, on x's device and dtype."""
-    out = arr[t.long().cpu()].to(device=x.device, dtype=x.dtype)
+    """arr[t] broadcast to x's shape, on x's device and dtype (gathered where t lives: no host-device sync)."""
+    out = _on_device(arr, t.device)[t.long()].to(device=x.device, dtype=x.dtype)
     return out.reshape(-1, *([1] * (x.ndim - 1)))
 
 

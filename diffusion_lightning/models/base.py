@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import random
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -23,6 +25,8 @@ from torch import Tensor, nn
 from diffusion_lightning.diffusion import Denoiser, sample
 from diffusion_lightning.diffusion.sampling import check_sampler
 from diffusion_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 #: Written into every checkpoint; 1 (absent) = before the denoiser contract (issue 14). See
 #: :func:`diffusion_lightning.checkpoint.upgrade_run_config`.
@@ -48,6 +52,11 @@ class DiffusionModel(L.LightningModule):
             used whenever a caller names none.
         optimizer: a factory ``optimizer(params)`` (a Hydra ``_partial_`` target); default AdamW(lr=2e-4).
         lr_scheduler: a factory ``lr_scheduler(optimizer)`` stepped every optimizer step, or None.
+        channels_last: keep the network's weights and inputs in channels-last memory format (faster convolutions
+            on tensor cores); None: on when CUDA is available.
+        compile: run the training forward through ``torch.compile`` of the network (eval, sampling and the EMA copy
+            stay eager); None: on when training on a CUDA device. Where compilation is unsupported or fails, one
+            log line says so and the run goes on eagerly.
     """
 
     def __init__(
@@ -56,9 +65,16 @@ class DiffusionModel(L.LightningModule):
         sampler: Mapping[str, Any] | None = None,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
+        channels_last: bool | None = None,
+        compile: bool | None = None,
     ) -> None:
         super().__init__()
         self.net = net
+        self.channels_last = torch.cuda.is_available() if channels_last is None else bool(channels_last)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.compile = compile
+        self._first_nonfinite_step: Tensor | None = None  # see watch_finite
         self.sampler = {"name": "ddim", "steps": 50, **(sampler or {})}
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=2e-4)
         self.lr_scheduler_factory = lr_scheduler
@@ -88,6 +104,15 @@ class DiffusionModel(L.LightningModule):
     def decode(self, x: Tensor) -> Tensor:
         """The sampler's output as images in [-1, 1] (the identity for a pixel model)."""
         return x
+
+    def network(self, x: Tensor, *args: Any) -> Tensor:
+        """``net(x, *args)`` with the speed options: ``x`` in channels-last format when ``channels_last``, and in
+        training mode the compiled network when ``compile`` (see :func:`compiled`)."""
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        use_compile = self.compile if self.compile is not None else x.is_cuda
+        net = compiled(self.net) if use_compile and self.training else self.net
+        return net(x, *args)
 
     def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
         """The sampler settings a call runs with: ``sampler`` (or the model's own when None) updated by
@@ -152,6 +177,34 @@ class DiffusionModel(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def is_logging_step(self) -> bool:
+        """Whether this training step's logged values reach the loggers (every ``trainer.log_every_n_steps``)."""
+        return self._trainer is None or self.trainer._logger_connector.should_update_logs
+
+    def watch_finite(self, loss: Tensor) -> None:
+        """Note the first optimizer step whose training loss is NaN/Inf, on the device (no synchronisation); it is
+        checked by :meth:`check_finite` at logging steps, before every checkpoint is written and at the end."""
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = self._first_nonfinite_step
+        self._first_nonfinite_step = torch.where(bad & (first < 0), self.global_step, first)
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first step with a non-finite loss, if there was one."""
+        if self._first_nonfinite_step is not None and (step := int(self._first_nonfinite_step)) >= 0:
+            raise FloatingPointError(
+                f"non-finite training loss at global step {step} (the weights after it are not finite); lower "
+                "model.optimizer.lr, raise the warm-up or check the data. Checkpoints written before it are kept."
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.is_logging_step():
+            self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global gradient norm before any clipping (``train/grad_norm``, as the papers' code logs it)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -165,6 +218,7 @@ class DiffusionModel(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # never write a checkpoint of weights that a non-finite loss has updated
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
         checkpoint["format"] = CHECKPOINT_FORMAT
@@ -177,6 +231,40 @@ class DiffusionModel(L.LightningModule):
             _set_rng_states(checkpoint["rng_states"])
             if self._trainer is not None and self.trainer.world_size > 1 and self.global_rank > 0:
                 torch.manual_seed(int(torch.randint(2**31, (1,))) + 1000003 * self.global_rank)
+
+
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable[..., Tensor]] = weakref.WeakKeyDictionary()
+
+
+def compiled(net: nn.Module) -> Callable[..., Tensor]:
+    """``torch.compile(net)``, made once per network (kept outside the module, so its ``state_dict`` and copies of it
+    are unchanged); where compilation is unsupported or fails, one log line and ``net`` itself (eager) from then on.
+    """
+    if net not in _COMPILED:
+        if not torch._dynamo.is_dynamo_supported():
+            log.warning("torch.compile is not supported on this Python/platform: the network runs eagerly")
+            _COMPILED[net] = net
+        else:
+            _COMPILED[net] = _EagerFallback(net, torch.compile(net))
+    return _COMPILED[net]
+
+
+class _EagerFallback:
+    """Calls the compiled network; if compiling it fails (no C++ compiler, an unsupported op), logs why once and
+    calls the eager network from then on."""
+
+    def __init__(self, net: nn.Module, compiled_net: Callable[..., Tensor]) -> None:
+        self.net, self.compiled_net = net, compiled_net
+
+    def __call__(self, *args: Any) -> Tensor:
+        if self.compiled_net is not None:
+            try:
+                return self.compiled_net(*args)
+            except Exception as e:  # torch._dynamo / inductor errors have no common public base class
+                log.warning(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the network "
+                            "runs eagerly (set model.compile=false to skip the attempt)")
+                self.compiled_net = None
+        return self.net(*args)
 
 
 def _rng_states() -> dict[str, Any]:

@@ -34,8 +34,7 @@ class DDPM(DiffusionModel):
         variance_type: the reverse variance of ancestral sampling and of the bound: ``fixed_small`` = beta~_t,
             ``fixed_large`` = beta_t, ``learned_range`` = iDDPM eq. 15 from the network's second C output channels.
             Decides once whether the variance is learned (``learned_variance``).
-        sampler, optimizer, lr_scheduler: see :class:`~.base.DiffusionModel`.
-        channels_last: run the network in channels-last memory format.
+        sampler, optimizer, lr_scheduler, channels_last, compile: see :class:`~.base.DiffusionModel`.
     """
 
     def __init__(
@@ -49,9 +48,10 @@ class DDPM(DiffusionModel):
         sampler: Mapping[str, Any] | None = None,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
+        compile: bool | None = None,
     ) -> None:
-        super().__init__(net, sampler, optimizer, lr_scheduler)
+        super().__init__(net, sampler, optimizer, lr_scheduler, channels_last, compile)
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.diffusion = GaussianDiffusion(get_beta_schedule(beta_schedule, num_timesteps, **(beta_kwargs or {})))
         self.prediction_type = prediction_type
@@ -59,19 +59,15 @@ class DDPM(DiffusionModel):
             raise ValueError(f"unknown variance_type {variance_type!r}: use fixed_small, fixed_large or learned_range")
         self.variance_type = variance_type
         self.learned_variance = variance_type == "learned_range"
+        self._quarter_stats: Tensor | None = None  # training loss per quarter of t since the last logged step
         want = (2 if self.learned_variance else 1) * net.in_channels
         if net.out_channels != want:
             kind = "a learned-variance model needs 2C" if self.learned_variance else "a fixed-variance model needs C"
             raise ValueError(f"{kind} output channels: set model.net.out_channels={want} (got {net.out_channels})")
-        self.channels_last = channels_last
-        if channels_last:
-            self.net.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ network
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return self.net(x_t, t, y if self.num_classes else None)
+        return self.network(x_t, t, y if self.num_classes else None)
 
     def denoiser(self) -> DiscreteVPDenoiser:
         return DiscreteVPDenoiser(self, self.diffusion, self.prediction_type, self.learned_variance)
@@ -105,11 +101,8 @@ class DDPM(DiffusionModel):
         weighted = terms["loss"] * terms["weights"] if "weights" in terms else terms["loss"]
         loss = weighted.mean()
         train = stage == "train"
-        if train and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}; "
-                "lower model.optimizer.lr, raise the warm-up or check the data. Checkpoints already written are kept."
-            )
+        if train:
+            self.watch_finite(loss)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(x0), sync_dist=not train)
         for name, value in terms.items():
             if name not in ("loss", "t", "weights"):
@@ -128,16 +121,25 @@ class DDPM(DiffusionModel):
             self._shared_step(batch, "val")
 
     def _log_quarters(self, stage: str, losses: Tensor, t: Tensor) -> None:
-        """The loss per quarter of the timestep range (q0: t < T/4, ..., q3: t >= 3T/4)."""
+        """The loss per quarter of the timestep range (q0: t < T/4, ..., q3: t >= 3T/4). In training: the mean over
+        the steps since the last logged one, summed on the device and logged at logging steps only (no host-device
+        synchronisation in between; a quarter with no sample logs nan). In validation: the epoch mean."""
         quarter = (t * 4) // self.diffusion.num_timesteps
-        on_step = stage == "train"
-        for q in range(4):
-            mask = quarter == q
-            if mask.any():
-                self.log(
-                    f"{stage}/loss_q{q}", losses[mask].mean(), batch_size=int(mask.sum()),
-                    on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
-                )
+        if stage != "train":
+            for q in range(4):
+                mask = quarter == q
+                if mask.any():
+                    self.log(f"{stage}/loss_q{q}", losses[mask].mean(), batch_size=int(mask.sum()), sync_dist=True)
+            return
+        stats = torch.zeros(2, 4, device=losses.device)
+        stats[0].index_add_(0, quarter, losses.float())
+        stats[1].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float))
+        self._quarter_stats = stats if self._quarter_stats is None else self._quarter_stats + stats
+        if self.is_logging_step():
+            sums, counts = self._quarter_stats
+            self._quarter_stats = None
+            for q in range(4):
+                self.log(f"train/loss_q{q}", sums[q] / counts[q], batch_size=len(losses))
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
