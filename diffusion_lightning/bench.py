@@ -62,6 +62,18 @@ def build_model(key: str, opts: argparse.Namespace) -> DDPM:
                        _convert_="all")
 
 
+_TRAINED: dict[tuple[str, bool, bool], DDPM] = {}
+
+
+def trained_model(key: str, opts: argparse.Namespace) -> DDPM:
+    """One model per key for all training measurements (Lightning's and the plain loop's), so that ``torch.compile``
+    compiles it once, not once per repeat."""
+    cache_key = (key, bool(opts.channels_last), bool(opts.compile))
+    if cache_key not in _TRAINED:
+        _TRAINED[cache_key] = build_model(key, opts)
+    return _TRAINED[cache_key]
+
+
 def _random_images(key: str, n: int) -> torch.Tensor:
     net = model_config(key).model.net
     g = torch.Generator().manual_seed(0)
@@ -102,7 +114,7 @@ class _Timer(L.Callback):
 
 def lightning_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int, warmup: int) -> float:
     """Images/s of ``Trainer.fit`` on the DDPM module with the EMA callback, gradient clipping and logging."""
-    cfg, model, device = model_config(key), build_model(key, opts), torch.device(opts.device)
+    cfg, model, device = model_config(key), trained_model(key, opts), torch.device(opts.device)
     timer = _Timer(warmup)
     trainer = L.Trainer(
         accelerator=device.type, devices=1, precision=opts.precision, max_steps=steps + warmup,
@@ -118,7 +130,7 @@ def plain_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int,
                      stats: dict[str, Any] | None = None) -> float:
     """Images/s of a hand-written loop doing the same work on the same module; on CUDA ``stats`` receives the peak
     memory."""
-    cfg, model, device = model_config(key), build_model(key, opts), torch.device(opts.device)
+    cfg, model, device = model_config(key), trained_model(key, opts), torch.device(opts.device)
     model.to(device)
     clip, decay = cfg.trainer.gradient_clip_val, cfg.callbacks.ema.decay  # read once, off the timed loop
     opt = model.configure_optimizers()
@@ -254,14 +266,19 @@ def train_figures(key: str, opts: argparse.Namespace, batch: int) -> dict[str, A
         print(f"  {key} {name}: {runs[name][-1]:.2f} img/s", flush=True)
     median = {name: statistics.median(values) for name, values in runs.items()}
     flops = flops_per_image(key)
+    from .models.base import _COMPILED
+
+    compiled = _COMPILED.get(trained_model(key, opts).net)
     out: dict[str, Any] = {
-        "experiment": MODELS[key], "params": sum(p.numel() for p in build_model(key, opts).parameters()),
+        "experiment": MODELS[key], "params": sum(p.numel() for p in trained_model(key, opts).parameters()),
         "batch": batch, "timed_steps": opts.steps, "warmup_steps": opts.warmup,
         "runs": {name: [round(v, 2) for v in values] for name, values in runs.items()},
         "images_per_s": {name: round(v, 2) for name, v in median.items()},
         "lightning_over_plain": round(median["lightning"] / median["plain"], 4),
         "overhead_percent": round(100 * (median["plain"] / median["lightning"] - 1), 2),
         "train_flops_per_image": round(flops),
+        # whether torch.compile really ran (False: it fell back to eager, see the log)
+        "compiled": bool(opts.compile) and getattr(compiled, "compiled_net", None) is not None,
     }
     if "diffusers" in median:
         out["lightning_over_diffusers"] = round(median["lightning"] / median["diffusers"], 4)
@@ -372,12 +389,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train": {},
         "sample": [],
     }
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section, so an interrupted run keeps what it measured
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(result))
+
     for key, batch in zip(opts.models, opts.batch, strict=True):
         result["train"][key] = train_figures(key, opts, batch)
+        save()
     for key in opts.sample_models:
         for sampler in opts.samplers:
             for steps in opts.sample_steps:
                 result["sample"].append(sampling_throughput(key, opts, sampler, steps, opts.sample_batch))
+        save()
     if not gpu:
         if opts.nll_images:
             result["nll"] = nll_throughput(opts.nll_images)
@@ -385,10 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "fmnist-classifier": feature_throughput("fmnist-classifier", opts.classifier_batch, repeats=5),
             "inception": feature_throughput("inception", opts.inception_batch, repeats=1),
         }
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    save()
     print(markdown(result))
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return result

@@ -212,3 +212,25 @@ def test_training_step_reads_nothing_from_the_device_between_logging_steps(monke
     trainer.fit(model, DataLoader(TensorDataset(x0, torch.zeros(64).long()), batch_size=8))
     assert watch.watched >= 8
     assert not watch.reads, "host reads in training steps:\n" + "\n".join(f"{n}:\n{s}" for n, s in watch.reads[:3])
+
+
+def test_bf16_mixed_trainer_with_fused_adamw_clips_gradients(tmp_path) -> None:
+    """Lightning refuses fused optimisers with clipping under any mixed precision; the model clips them itself where
+    no fp16 gradient scaler is in use, and the clipped gradients reach the optimiser."""
+    norms = []
+
+    class GradNorm(L.Callback):
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):  # the previous step's (clipped) gradients
+            if (grads := [p.grad for p in pl_module.parameters() if p.grad is not None]):
+                norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    model = tiny_ddpm()
+    model.optimizer_factory = functools.partial(torch.optim.AdamW, lr=1e-3, fused=True)
+    x0 = data(32)
+    trainer = L.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_steps=4, gradient_clip_val=1e-3, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[GradNorm()], default_root_dir=tmp_path,
+    )
+    trainer.fit(model, DataLoader(TensorDataset(x0, torch.zeros(32).long()), batch_size=8))
+    assert len(norms) == 3 and all(n <= 1e-3 * (1 + 1e-4) for n in norms), norms

@@ -177,6 +177,21 @@ class DiffusionModel(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except that a fused optimiser is allowed where no gradient scaler is in use
+        (bf16-mixed): Lightning's mixed-precision plugin refuses every fused optimiser with clipping, though only
+        fp16's loss scaling (gradients still scaled when clipping) needs that."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if gradient_clip_val and fused and scaler is None and gradient_clip_algorithm in (None, "norm"):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def is_logging_step(self) -> bool:
         """Whether this training step's logged values reach the loggers (every ``trainer.log_every_n_steps``)."""
         return self._trainer is None or self.trainer._logger_connector.should_update_logs
