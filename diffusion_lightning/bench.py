@@ -40,6 +40,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import cpu_precision
 from .callbacks import EMA
 from .callbacks.ema import ema_decay
 from .models import DDPM
@@ -163,16 +164,18 @@ def plain_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int,
     return batch * steps / seconds
 
 
-def diffusers_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int, warmup: int) -> float:
-    """Images/s of diffusers' training recipe on the same layout (:mod:`diffusion_lightning.bench_diffusers`)."""
+def diffusers_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int, warmup: int,
+                         precision: str | None = None) -> float:
+    """Images/s of diffusers' training recipe on the same layout (:mod:`diffusion_lightning.bench_diffusers`), at
+    ``precision`` (default: ours)."""
     from .bench_diffusers import diffusers_train_throughput
 
     cfg = model_config(key)
     net = OmegaConf.to_container(cfg.model.net, resolve=True)
     return diffusers_train_throughput(
         net, batch, steps, warmup, device=opts.device, lr=cfg.model.optimizer.lr, clip=cfg.trainer.gradient_clip_val,
-        ema_decay=cfg.callbacks.ema.decay, precision=opts.precision, channels_last=bool(opts.channels_last),
-        compile=bool(opts.compile),
+        ema_decay=cfg.callbacks.ema.decay, precision=precision or opts.precision,
+        channels_last=bool(opts.channels_last), compile=bool(opts.compile),
     )
 
 
@@ -256,8 +259,10 @@ def _rotations(names: list[str], repeats: int) -> Iterator[str]:
 def train_figures(key: str, opts: argparse.Namespace, batch: int) -> dict[str, Any]:
     runners: dict[str, Callable[..., float]] = {
         "lightning": lightning_throughput, "plain": plain_throughput, "diffusers": diffusers_throughput}
+    if opts.precision != "32-true":  # also the recipe as its script runs by default (mixed_precision "no")
+        runners["diffusers_fp32"] = functools.partial(diffusers_throughput, precision="32")
     if opts.no_diffusers:
-        runners.pop("diffusers")
+        runners.pop("diffusers"), runners.pop("diffusers_fp32", None)
     runs: dict[str, list[float]] = {name: [] for name in runners}
     stats: dict[str, Any] = {}
     for name in _rotations(list(runners), opts.repeats):
@@ -282,6 +287,8 @@ def train_figures(key: str, opts: argparse.Namespace, batch: int) -> dict[str, A
     }
     if "diffusers" in median:
         out["lightning_over_diffusers"] = round(median["lightning"] / median["diffusers"], 4)
+    if "diffusers_fp32" in median:
+        out["lightning_over_diffusers_fp32"] = round(median["lightning"] / median["diffusers_fp32"], 4)
     if opts.device.startswith("cuda"):
         peak = opts.peak_tflops * 1e12
         out["mfu"] = {name: round(flops * v / peak, 4) for name, v in median.items()}
@@ -298,16 +305,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"torch {host['torch']}, lightning {host['lightning']}, diffusers {host['diffusers']}, "
         f"{host['threads']} CPU threads; precision {s['precision']}, compile {s['compile']}, channels-last "
         f"{s['channels_last']}; medians of {s['repeats']} alternated repeats of {s['steps']} timed steps.", "",
-        "| model | params | batch | Lightning img/s | plain loop img/s | diffusers img/s | Lightning/plain | "
-        "Lightning/diffusers | GFLOP/img (train) | MFU Lightning | peak MiB/img |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | batch | Lightning img/s | plain loop img/s | diffusers img/s (same precision) | "
+        "diffusers img/s (fp32, its default) | Lightning/plain | Lightning/diffusers | Lightning/diffusers fp32 | "
+        "GFLOP/img (train) | MFU Lightning | peak MiB/img |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, t in result["train"].items():
         ips = t["images_per_s"]
         lines.append(
             f"| {key} ({t['experiment']}) | {t['params'] / 1e6:.2f}M | {t['batch']} | {ips['lightning']} | "
-            f"{ips['plain']} | {ips.get('diffusers', '-')} | {t['lightning_over_plain']} | "
-            f"{t.get('lightning_over_diffusers', '-')} | {t['train_flops_per_image'] / 1e9:.2f} | "
+            f"{ips['plain']} | {ips.get('diffusers', '-')} | {ips.get('diffusers_fp32', '-')} | "
+            f"{t['lightning_over_plain']} | {t.get('lightning_over_diffusers', '-')} | "
+            f"{t.get('lightning_over_diffusers_fp32', '-')} | {t['train_flops_per_image'] / 1e9:.2f} | "
             f"{t.get('mfu', {}).get('lightning', '-')} | {t.get('peak_memory_mib_per_image', '-')} |")
     lines += ["", "| sampling: model | sampler | steps | NFE | batch | img/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['batch']} | {r['images_per_s']} |"
@@ -322,6 +331,14 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{n['stratified_images_per_s']} img/s, all {n['num_timesteps']} terms {n['full_images_per_s']} "
                       f"img/s (10k test images: {n['test_10k_stratified_s']} s / {n['test_10k_full_s']} s)."]
     return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()}, capability {torch.backends.cpu.get_cpu_capability()}"
+    return f"CPU: {platform.processor() or platform.machine()}"
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -360,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts.batch = opts.batch or [{"default": 64, "cifar": 8}[m] if not gpu else 128 for m in opts.models]
     opts.steps = opts.steps or (100 if gpu else 20)
     opts.warmup = opts.warmup if opts.warmup is not None else (30 if gpu else 3)
-    opts.precision = opts.precision or ("bf16-mixed" if gpu else "32-true")
+    opts.precision = opts.precision or ("bf16-mixed" if gpu else cpu_precision())
     opts.compile = gpu if opts.compile is None else opts.compile
     opts.channels_last = gpu if opts.channels_last is None else opts.channels_last
     opts.sample_models = opts.sample_models or (list(MODELS) if gpu else ["default"])
@@ -380,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": {
             "device": opts.device,
-            "device_name": torch.cuda.get_device_name(opts.device) if gpu else f"CPU ({platform.processor()})",
+            "device_name": torch.cuda.get_device_name(opts.device) if gpu else _cpu_name(),
             "machine": platform.machine(), "torch": torch.__version__, "lightning": L.__version__,
             "diffusers": diffusers_version, "threads": torch.get_num_threads(), "cuda": torch.version.cuda},
         "settings": {"precision": opts.precision, "compile": opts.compile, "channels_last": opts.channels_last,

@@ -8,7 +8,7 @@ import json
 import pytest
 from hydra.utils import instantiate
 
-from diffusion_lightning import bench
+from diffusion_lightning import bench, cpu_precision
 
 
 def test_bench_measures_the_default_model_and_writes_consistent_figures(compose_train, tmp_path):
@@ -28,10 +28,11 @@ def test_bench_measures_the_default_model_and_writes_consistent_figures(compose_
     train = result["train"]["default"]
     assert train["experiment"] == "ddpm_fmnist"
     assert train["params"] == sum(p.numel() for p in instantiate(cfg.model).parameters())
-    assert result["settings"] == {**result["settings"], "precision": "32-true", "compile": False,
+    # the CPU's own default precision (bf16-mixed where it computes bfloat16 natively), eager, contiguous
+    assert result["settings"] == {**result["settings"], "precision": cpu_precision(), "compile": False,
                                   "channels_last": False}
-
-    assert set(train["runs"]) == {"lightning", "plain", "diffusers"}
+    fp32_recipe = {"diffusers_fp32"} if cpu_precision() != "32-true" else set()
+    assert set(train["runs"]) == {"lightning", "plain", "diffusers"} | fp32_recipe
     assert all(len(v) == 2 and min(v) > 0 for v in train["runs"].values())
     ips = train["images_per_s"]
     assert ips["lightning"] == pytest.approx(sum(train["runs"]["lightning"]) / 2, abs=0.01)  # median of two
