@@ -234,3 +234,12 @@ def test_bf16_mixed_trainer_with_fused_adamw_clips_gradients(tmp_path) -> None:
     )
     trainer.fit(model, DataLoader(TensorDataset(x0, torch.zeros(32).long()), batch_size=8))
     assert len(norms) == 3 and all(n <= 1e-3 * (1 + 1e-4) for n in norms), norms
+
+
+def test_cpu_trainer_precision_is_bf16_exactly_where_the_cpu_has_native_bf16(compose_train) -> None:
+    from diffusion_lightning import cpu_precision
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_precision() == ("bf16-mixed" if native else "32-true")
+    assert compose_train([]).trainer.precision == cpu_precision()
+    assert compose_train(["trainer=gpu"]).trainer.precision == "bf16-mixed"
