@@ -223,8 +223,10 @@ class DiffusionModel(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global gradient norm before any clipping (``train/grad_norm``, as the papers' code logs it), at
         logging steps only (it is a pass over all gradients)."""
+        if not self.is_logging_step():
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and self.is_logging_step():
+        if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), batch_size=1)
 
     def setup(self, stage: str) -> None:
