@@ -2,7 +2,14 @@
 
 import os
 
-from omegaconf import OmegaConf
+# OpenMP threads (torch's CPU kernels; GNU libgomp) spin 300,000 iterations at each barrier before they sleep. When
+# another busy process shares the cores the spinning threads take its time slices and both collapse (two concurrent
+# `make bench` loops on 2 cores: 24-29 img/s each against 100 alone). 3,000 spins keep 46 img/s each under that
+# contention for 3-6% alone (docs/performance.md). Effective where this package is imported before torch (the entry
+# points); set GOMP_SPINCOUNT yourself to override.
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+
+from omegaconf import OmegaConf  # noqa: E402
 
 # ${dl_cwd:} is the directory a run was started from. Unlike ${hydra:runtime.cwd} it resolves before
 # HydraConfig exists (multirun resolves hydra.sweep.dir first), and unlike $PWD it is right for

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# How training throughput holds up when another torch process shares the cores, under OpenMP's default spin-waiting
-# and under OMP_WAIT_POLICY=PASSIVE (issue 20). Each cell: the plain loop of `make bench` on the default model
-# (batch 64), alone and as two concurrent copies. Usage: bash scripts/thread_contention.sh [STEPS] [ROUNDS]
-steps=${1:-20}; rounds=${2:-2}
+# How training throughput holds up when another torch process shares the cores (issue 20), under libgomp's own
+# spin-wait (GOMP_SPINCOUNT=300000), the package's default (3000, set in diffusion_lightning/__init__.py) and
+# OMP_WAIT_POLICY=PASSIVE. Each cell: the plain loop of `make bench` on the default model (batch 64, float32), alone
+# and as two concurrent copies. Usage: bash scripts/thread_contention.sh [STEPS] [ROUNDS]
+steps=${1:-15}; rounds=${2:-2}
 py=${PY:-.venv/bin/python}
-one() {  # print images/s of one plain-loop measurement
+one() {  # images/s of one plain-loop measurement
   $py -c "
 import argparse
 from diffusion_lightning import bench
@@ -12,12 +13,12 @@ o = argparse.Namespace(device='cpu', precision='32-true', compile=False, channel
 print(round(bench.plain_throughput('default', o, 64, $steps, 3), 2))"
 }
 for r in $(seq "$rounds"); do
-  for policy in default PASSIVE; do
-    if [ $policy = default ]; then unset OMP_WAIT_POLICY; else export OMP_WAIT_POLICY=PASSIVE; fi
-    alone=$(one)
+  for setting in GOMP_SPINCOUNT=300000 GOMP_SPINCOUNT=3000 OMP_WAIT_POLICY=PASSIVE; do
+    alone=$(env "$setting" bash -c "$(declare -f one); py=$py; one")
     a=$(mktemp); b=$(mktemp)
-    one >"$a" & one >"$b"; wait
-    echo "round $r policy=$policy alone=$alone pair=$(cat "$a") $(cat "$b")"
+    env "$setting" bash -c "$(declare -f one); py=$py; one" >"$a" &
+    env "$setting" bash -c "$(declare -f one); py=$py; one" >"$b"; wait
+    echo "round $r $setting alone=$alone pair=$(cat "$a") $(cat "$b")"
     rm -f "$a" "$b"
   done
 done
