@@ -14,10 +14,10 @@ print(round(bench.plain_throughput('default', o, 64, $steps, 3), 2))"
 }
 for r in $(seq "$rounds"); do
   for setting in GOMP_SPINCOUNT=300000 GOMP_SPINCOUNT=3000 OMP_WAIT_POLICY=PASSIVE; do
-    alone=$(env "$setting" bash -c "$(declare -f one); py=$py; one")
+    alone=$(env "$setting" bash -c "$(declare -f one); py=$py; steps=$steps; one")
     a=$(mktemp); b=$(mktemp)
-    env "$setting" bash -c "$(declare -f one); py=$py; one" >"$a" &
-    env "$setting" bash -c "$(declare -f one); py=$py; one" >"$b"; wait
+    env "$setting" bash -c "$(declare -f one); py=$py; steps=$steps; one" >"$a" &
+    env "$setting" bash -c "$(declare -f one); py=$py; steps=$steps; one" >"$b"; wait
     echo "round $r $setting alone=$alone pair=$(cat "$a") $(cat "$b")"
     rm -f "$a" "$b"
   done
