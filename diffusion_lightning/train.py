@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import hydra
@@ -14,6 +15,9 @@ from .checkpoint import check_compatible, load_checkpoint
 from .utils import run_or_exit
 
 log = logging.getLogger(__name__)
+
+# The model summary sizes parameters at 32 bits under bf16-mixed, which is right (they are float32): not a warning.
+warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
