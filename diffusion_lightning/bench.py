@@ -164,6 +164,33 @@ def plain_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int,
     return batch * steps / seconds
 
 
+def _peak_rss_child(key: str, precision: str, batch: int, conn: Any) -> None:
+    """In a fresh process: a few plain-loop steps at ``batch``; sends the process's peak resident memory (MiB)."""
+    import resource
+
+    opts = argparse.Namespace(device="cpu", precision=precision, compile=False, channels_last=False)
+    plain_throughput(key, opts, batch, 2, 1)
+    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+
+
+def cpu_training_memory(key: str, opts: argparse.Namespace, batch: int) -> dict[str, float]:
+    """Peak resident memory of CPU training at ``batch`` and per training image: the slope between ``batch`` and
+    ``batch // 4`` (each in a fresh process), which leaves out the interpreter, weights and optimiser state."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    peaks = {}
+    for b in (max(1, batch // 4), batch):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_peak_rss_child, args=(key, opts.precision, b, child))
+        proc.start()
+        peaks[b] = parent.recv()
+        proc.join()
+    small, large = sorted(peaks)
+    return {"peak_memory_mib": round(peaks[large], 1),
+            "peak_memory_mib_per_image": round((peaks[large] - peaks[small]) / (large - small), 2)}
+
+
 def diffusers_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int, warmup: int,
                          precision: str | None = None) -> float:
     """Images/s of diffusers' training recipe on the same layout (:mod:`diffusion_lightning.bench_diffusers`), at
@@ -289,7 +316,9 @@ def train_figures(key: str, opts: argparse.Namespace, batch: int) -> dict[str, A
         out["lightning_over_diffusers"] = round(median["lightning"] / median["diffusers"], 4)
     if "diffusers_fp32" in median:
         out["lightning_over_diffusers_fp32"] = round(median["lightning"] / median["diffusers_fp32"], 4)
-    if opts.device.startswith("cuda"):
+    if not opts.device.startswith("cuda"):
+        out |= cpu_training_memory(key, opts, batch)
+    else:
         peak = opts.peak_tflops * 1e12
         out["mfu"] = {name: round(flops * v / peak, 4) for name, v in median.items()}
         out["peak_tflops"] = opts.peak_tflops

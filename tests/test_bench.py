@@ -38,6 +38,8 @@ def test_bench_measures_the_default_model_and_writes_consistent_figures(compose_
     assert ips["lightning"] == pytest.approx(sum(train["runs"]["lightning"]) / 2, abs=0.01)  # median of two
     assert train["lightning_over_plain"] == pytest.approx(ips["lightning"] / ips["plain"], rel=1e-3)
     assert train["lightning_over_diffusers"] == pytest.approx(ips["lightning"] / ips["diffusers"], rel=1e-3)
+    # peak memory of CPU training, measured in fresh processes: the whole process, and the slope per image
+    assert train["peak_memory_mib"] > 100 and train["peak_memory_mib_per_image"] >= 0  # batch 2 vs 1: within noise
     # forward + backward of a 1.06M conv net on 32x32: far more than 3 x (2 x params) x pixels / 10, less than 10x it
     assert 1e8 < train["train_flops_per_image"] < 1e10
 
