@@ -165,12 +165,12 @@ def plain_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int,
 
 
 def _peak_rss_child(key: str, precision: str, batch: int, conn: Any) -> None:
-    """In a fresh process: a few plain-loop steps at ``batch``; sends the process's peak resident memory (MiB)."""
-    import resource
-
+    """In a fresh process: a few plain-loop steps at ``batch``; sends the process's peak resident memory (MiB), read
+    from ``VmHWM`` (``getrusage``'s ``ru_maxrss`` would carry over the parent's peak through fork and exec)."""
     opts = argparse.Namespace(device="cpu", precision=precision, compile=False, channels_last=False)
     plain_throughput(key, opts, batch, 2, 1)
-    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    status = Path("/proc/self/status").read_text()
+    conn.send(int(status.split("VmHWM:")[1].split()[0]) / 1024)  # kB
 
 
 def cpu_training_memory(key: str, opts: argparse.Namespace, batch: int) -> dict[str, float]:
