@@ -298,11 +298,9 @@ def train_figures(key: str, opts: argparse.Namespace, batch: int) -> dict[str, A
         print(f"  {key} {name}: {runs[name][-1]:.2f} img/s", flush=True)
     median = {name: statistics.median(values) for name, values in runs.items()}
     flops = flops_per_image(key)
-    from .models.base import _COMPILED
-
-    compiled = _COMPILED.get(trained_model(key, opts).net)
+    model = trained_model(key, opts)
     out: dict[str, Any] = {
-        "experiment": MODELS[key], "params": sum(p.numel() for p in trained_model(key, opts).parameters()),
+        "experiment": MODELS[key], "params": sum(p.numel() for p in model.parameters()),
         "batch": batch, "timed_steps": opts.steps, "warmup_steps": opts.warmup,
         "runs": {name: [round(v, 2) for v in values] for name, values in runs.items()},
         "images_per_s": {name: round(v, 2) for name, v in median.items()},
@@ -310,7 +308,7 @@ def train_figures(key: str, opts: argparse.Namespace, batch: int) -> dict[str, A
         "overhead_percent": round(100 * (median["plain"] / median["lightning"] - 1), 2),
         "train_flops_per_image": round(flops),
         # whether torch.compile really ran (False: it fell back to eager, see the log)
-        "compiled": bool(opts.compile) and getattr(compiled, "compiled_net", None) is not None,
+        "compiled": model.compiled_network_active,
     }
     if "diffusers" in median:
         out["lightning_over_diffusers"] = round(median["lightning"] / median["diffusers"], 4)

@@ -156,6 +156,8 @@ def diffusers_train_throughput(
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
+    from .bench import _sync
+
     if precision in ("32", "32-true"):
         dtype = torch.float32
     elif precision in ("bf16", "bf16-mixed"):
@@ -205,17 +207,13 @@ def diffusers_train_throughput(
         ema.step(model.parameters())
         return loss.detach()
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     for i in range(warmup):
         step(i)
-    sync()
+    _sync(dev)
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         loss = step(i)
-    sync()
+    _sync(dev)
     seconds = time.perf_counter() - start
     last = float(loss)
     if not math.isfinite(last):

@@ -36,13 +36,15 @@ class EMA(WeightAveraging):
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
         super().__init__(device=device, use_buffers=False)
         self.decay, self.warmup, self.update_every_n_steps = decay, warmup, update_every_n_steps
-        self._num_averaged: int | None = None  # host copy of AveragedModel.n_averaged
-        self._params: tuple[list, list] | None = None
+        self._num_averaged: int | None = None  # host copy of AveragedModel.n_averaged (set in on_train_start)
+        self._params: tuple[list, list] | None = None  # (averaged, current) parameters (set in on_train_start)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # read once, after any checkpoint has been restored
-        self._num_averaged = None if self._average_model is None else int(self._average_model.n_averaged)
-        self._params = None
+        # once per fit, after any checkpoint has been restored (into these same parameters)
+        average = self._average_model
+        assert average is not None, "WeightAveraging.setup builds the average before training starts"
+        self._num_averaged = int(average.n_averaged)
+        self._params = list(average.parameters()), list(pl_module.parameters())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step_idx = trainer.global_step - 1  # as WeightAveraging: zero-based index of the optimizer step just taken
@@ -54,20 +56,14 @@ class EMA(WeightAveraging):
     def _update(self, pl_module: L.LightningModule) -> None:
         """theta_ema <- d theta_ema + (1 - d) theta, with d = :func:`ema_decay` of the averages taken so far (the
         first update copies the weights)."""
-        average = self._average_model
-        assert average is not None
-        if self._num_averaged is None:  # fit without on_train_start (never in Lightning's loop)
-            self._num_averaged = int(average.n_averaged)
-        if self._params is None:  # the parameter lists, gathered once per fit (a module walk costs ~1 ms a step)
-            ema = list(average.parameters())
-            self._params = ema, list(pl_module.parameters())
-        ema, params = self._params
+        assert self._average_model is not None and self._params is not None and self._num_averaged is not None
+        ema, params = self._params  # gathered once per fit: a module walk costs ~1 ms a step
         current = [p.detach().to(e.device) for p, e in zip(params, ema, strict=True)]
         if self._num_averaged == 0:
             torch._foreach_copy_(ema, current)
         else:
             torch._foreach_lerp_(ema, current, 1.0 - ema_decay(self.decay, self._num_averaged, self.warmup))
-        average.n_averaged += 1
+        self._average_model.n_averaged += 1
         self._num_averaged += 1
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:

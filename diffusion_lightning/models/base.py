@@ -114,6 +114,13 @@ class DiffusionModel(L.LightningModule):
         net = compiled(self.net) if use_compile and self.training else self.net
         return net(x, *args)
 
+    @property
+    def compiled_network_active(self) -> bool:
+        """Whether the training forward runs the ``torch.compile``d network (False before its first call, when
+        ``compile`` is off, or after compilation failed and it fell back to eager)."""
+        wrapper = _COMPILED.get(self.net)
+        return isinstance(wrapper, _EagerFallback) and wrapper.compiled_net is not None
+
     def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
         """The sampler settings a call runs with: ``sampler`` (or the model's own when None) updated by
         ``overrides``; a :class:`~diffusion_lightning.errors.UserError` names what is wrong with them."""
