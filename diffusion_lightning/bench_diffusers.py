@@ -134,7 +134,8 @@ def diffusers_unet(net: Mapping[str, Any]) -> UNet2DModel:
         freq_shift=1,
         resnet_time_scale_shift="scale_shift" if scale_shift else "default",
         add_attention=True,
-        num_class_embeds=net.get("num_classes"),  # nn.Embedding added to the time embedding, as ours
+        # nn.Embedding added to the time embedding, as ours (whose last row is the guidance null class)
+        num_class_embeds=None if net.get("num_classes") is None else net["num_classes"] + 1,
     )
 
 

@@ -96,10 +96,15 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     )
     if cfg.images == "samples":
         generator = torch.Generator().manual_seed(cfg.seed)
-        images, nfe = generate(model, cfg.num_samples, cfg.batch_size, generator, sampler_of(cfg), show_progress=True)
+        images, nfe, labels = generate(
+            model, cfg.num_samples, cfg.batch_size, generator, sampler_of(cfg), show_progress=True,
+            guidance=cfg.get("guidance"), return_labels=True,
+        )
     else:  # real images of a split: the baseline row of a table
         real = datamodule.dataset(cfg.images)
-        images, nfe = torch.stack([real[i][0] for i in range(min(cfg.num_samples, len(real)))]), None
+        items = [real[i] for i in range(min(cfg.num_samples, len(real)))]
+        images, nfe = torch.stack([image for image, _ in items]), None
+        labels = torch.tensor([int(label) for _, label in items]) if model.num_classes else None
     uint8 = to_uint8(images)
     if cfg.save_npz:
         npz = Path(cfg.paths.output_dir) / "samples.npz"
@@ -119,9 +124,21 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     if nfe is not None:
         result["nfe"] = nfe
     result["reference"] = {"split": cfg.reference_split, "num_images": ref.num_images, "extractor": cfg.extractor}
+    if labels is not None and extractor.has_logits:
+        result["class_accuracy"] = class_accuracy(extractor, uint8, labels, cfg.batch_size)
     if not extractor.has_logits:
         result |= {"is": None, "is_unavailable": f"IS unavailable: no logits, {extractor.logits_unavailable_reason}"}
     return result
+
+
+def class_accuracy(extractor: Any, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """The fraction of uint8 ``images`` the extractor's classifier assigns to their ``labels`` (the class fidelity of
+    conditional samples; for real images the classifier's own test accuracy)."""
+    hits = 0
+    for start in range(0, len(images), batch_size):
+        logits = extractor(images[start : start + batch_size])["logits"]
+        hits += int((logits.argmax(1).cpu() == labels[start : start + batch_size]).sum())
+    return hits / len(images)
 
 
 def sampler_of(cfg: DictConfig) -> dict[str, Any] | None:

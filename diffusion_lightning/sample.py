@@ -19,7 +19,9 @@ def sample_from_config(cfg: DictConfig) -> Path:
     model = model_from_checkpoint(cfg.ckpt, ema=cfg.ema).to(resolve_device(cfg.device))
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    images, nfe = generate(model, cfg.num_samples, cfg.batch_size, generator, sampler, show_progress=True)
+    images, nfe = generate(
+        model, cfg.num_samples, cfg.batch_size, generator, sampler, show_progress=True, guidance=cfg.get("guidance")
+    )
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "samples.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image((images + 1) / 2, out, nrow=max(1, int(len(images) ** 0.5)))

@@ -15,7 +15,8 @@ from .ema import ema_module
 class SampleGrid(L.Callback):
     """Every ``every_n_epochs`` epochs (and at the end of training) sample ``num_samples`` images with the EMA
     weights and the model's own sampler from the same initial noise, write ``<dirpath>/epoch_XXXX.png`` (the last:
-    ``final.png``) and log the grid to TensorBoard. A class-conditional model gets labels 0, 1, ... in turn."""
+    ``final.png``) and log the grid to TensorBoard. A class-conditional model gets one row per class (labels 0, 1,
+    ...; ``num_samples // num_classes`` images a row), sampled at the model's own guidance scale."""
 
     def __init__(self, dirpath: str = "grids", every_n_epochs: int = 1, num_samples: int = 64, seed: int = 0) -> None:
         self.dirpath = Path(dirpath)
@@ -26,10 +27,14 @@ class SampleGrid(L.Callback):
         module = ema_module(trainer, pl_module)
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(self.num_samples, *module.sample_shape, generator=g)
-        y = torch.arange(self.num_samples) % module.num_classes if module.num_classes else None
+        nrow = max(1, int(self.num_samples**0.5))
+        y = None
+        if module.num_classes:  # one row per class
+            nrow = max(1, self.num_samples // module.num_classes)
+            noise = noise[: nrow * module.num_classes]
+            y = torch.arange(len(noise)) // nrow % module.num_classes
         images = module.sample(noise=noise, y=y, generator=g).float().cpu()
         images = (images + 1) / 2
-        nrow = max(1, int(self.num_samples**0.5))
         self.dirpath.mkdir(parents=True, exist_ok=True)
         self.last_path = self.dirpath / f"{name}.png"
         save_image(images, self.last_path, nrow=nrow)

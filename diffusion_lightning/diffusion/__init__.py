@@ -9,6 +9,7 @@ from .denoisers import (
     DiscreteVPDenoiser,
     EDMPrecond,
     GaussianDenoiser,
+    Guided,
     dynamic_threshold,
     gaussian_eps_network,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "EDMPrecond",
     "GaussianDenoiser",
     "GaussianDiffusion",
+    "Guided",
     "LossSecondMomentResampler",
     "ModelPrediction",
     "SampleOutput",

@@ -16,7 +16,8 @@ input and converting its output (k-diffusion's ``external.py`` adapters; EDM's `
 * :class:`EDMPrecond`: Karras et al.'s preconditioning D = c_skip x + c_out F(c_in x, c_noise), optionally with the
   sigma_min offset of consistency models so that D(x, sigma_min) = x exactly (Song et al. 2023, eq. 7 / App. C).
 
-Wrappers (:class:`Clipped`, :class:`Conditioned`, :class:`Counted`) change one thing and pass the rest through.
+Wrappers (:class:`Clipped`, :class:`Conditioned`, :class:`Guided`, :class:`Counted`) change one thing and pass the
+rest through.
 """
 
 from __future__ import annotations
@@ -297,6 +298,30 @@ class Conditioned(DenoiserWrapper):
 
     def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         return self.inner.predict(x, sigma, self.y if y is None else y)
+
+
+class Guided(DenoiserWrapper):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): D_w(x, sigma, y) = D(x, sigma, null) + w (D(x, sigma, y)
+    - D(x, sigma, null)), with ``null`` the label the network was trained to read as "no class".
+
+    At a fixed x and sigma, x0_hat is affine in eps_hat with weights that sum to one over the two calls (x0 = x - sigma
+    eps), so guiding x0_hat is guiding eps_hat exactly as the paper writes it, for every prediction type. w = 1 is the
+    conditional denoiser, w = 0 the unconditional one. The two predictions come from one network call on the batch
+    stacked twice; a learned variance is the conditional one's (as GLIDE).
+    """
+
+    def __init__(self, inner: Denoiser, guidance: float, null_label: int) -> None:
+        super().__init__(inner)
+        self.guidance, self.null_label = float(guidance), int(null_label)
+
+    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if y is None:
+            raise ValueError("classifier-free guidance needs class labels y")
+        s = torch.as_tensor(sigma)
+        s2 = s if s.ndim == 0 else torch.cat([s.reshape(-1), s.reshape(-1)])
+        x0, v = self.inner.predict(torch.cat([x, x]), s2, torch.cat([y, torch.full_like(y, self.null_label)]))
+        x0_c, x0_u = x0.chunk(2)
+        return x0_u + self.guidance * (x0_c - x0_u), None if v is None else v.chunk(2)[0]
 
 
 class Counted(DenoiserWrapper):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffusion_lightning.diffusion import Denoiser, sample
+from diffusion_lightning.diffusion import Denoiser, Guided, sample
 from diffusion_lightning.diffusion.sampling import check_sampler
 from diffusion_lightning.errors import UserError
 
@@ -57,6 +57,11 @@ class DiffusionModel(L.LightningModule):
         compile: run the training forward through ``torch.compile`` of the network (eval, sampling and the EMA copy
             stay eager); None: on when training on a CUDA device. Where compilation is unsupported or fails, one
             log line says so and the run goes on eagerly.
+        class_dropout: for a class-conditional network, the probability p that a training label is replaced by the
+            null class (label ``num_classes``), so that one network learns the conditional and the unconditional
+            denoiser (classifier-free guidance, Ho & Salimans 2022, Alg. 1; they use p = 0.1 or 0.2).
+        guidance: the guidance scale w sampling uses when a call names none (None or 1: the conditional denoiser);
+            needs ``class_dropout > 0``.
     """
 
     def __init__(
@@ -67,9 +72,14 @@ class DiffusionModel(L.LightningModule):
         lr_scheduler: SchedulerFactory | None = None,
         channels_last: bool | None = None,
         compile: bool | None = None,
+        class_dropout: float = 0.0,
+        guidance: float | None = None,
     ) -> None:
         super().__init__()
         self.net = net
+        if not 0.0 <= class_dropout < 1.0:
+            raise ValueError(f"class_dropout is a probability in [0, 1), got {class_dropout}")
+        self.class_dropout, self.guidance = float(class_dropout), guidance
         self.channels_last = torch.cuda.is_available() if channels_last is None else bool(channels_last)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -114,6 +124,26 @@ class DiffusionModel(L.LightningModule):
         net = compiled(self.net) if use_compile and self.training else self.net
         return net(x, *args)
 
+    def drop_labels(self, y: Tensor | None) -> Tensor | None:
+        """Training labels with each replaced by the null class ``num_classes`` with probability ``class_dropout``."""
+        if y is None or not self.num_classes or self.class_dropout == 0:
+            return y
+        drop = torch.rand(y.shape, device=y.device) < self.class_dropout
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def guided_denoiser(self, guidance: float | None) -> Denoiser:
+        """:meth:`denoiser`, under classifier-free guidance with scale ``guidance`` (None or 1: unguided)."""
+        if guidance is None or guidance == 1:
+            return self.denoiser()
+        if not self.num_classes:
+            raise UserError(f"guidance={guidance} needs a class-conditional model (model.net.num_classes is null)")
+        if self.class_dropout == 0:
+            raise UserError(
+                f"guidance={guidance} needs a model trained with label dropout: this one has model.class_dropout=0, so "
+                "its null class was never trained. Train with model.class_dropout=0.1, or sample with guidance=null"
+            )
+        return Guided(self.denoiser(), guidance, null_label=self.num_classes)
+
     @property
     def compiled_network_active(self) -> bool:
         """Whether the training forward runs the ``torch.compile``d network (False before its first call, when
@@ -141,6 +171,7 @@ class DiffusionModel(L.LightningModule):
         generator: torch.Generator | None = None,
         progress: Any = None,
         sampler: Mapping[str, Any] | None = None,
+        guidance: float | None = None,
         return_nfe: bool = False,
         **overrides: Any,
     ) -> Tensor | tuple[Tensor, int]:
@@ -148,8 +179,9 @@ class DiffusionModel(L.LightningModule):
 
         ``noise`` (standard normal, ``sample_shape``) or ``num_samples`` of it drawn from ``generator``; ``y`` class
         labels (random ones from ``generator`` for a class-conditional model when None); ``sampler`` replaces the
-        model's own settings and ``overrides`` update them (e.g. ``steps=20``). With ``return_nfe`` also the counted
-        network evaluations per sample.
+        model's own settings and ``overrides`` update them (e.g. ``steps=20``); ``guidance`` the classifier-free
+        guidance scale (None: the model's own). With ``return_nfe`` also the counted network evaluations per sample
+        (a guided evaluation is one call on a doubled batch).
         """
         spec = self.sampler_spec(sampler, **overrides)
         name = spec.pop("name")
@@ -161,8 +193,9 @@ class DiffusionModel(L.LightningModule):
         if self.num_classes and y is None:
             y = torch.randint(0, self.num_classes, (noise.shape[0],), generator=generator)
         y = y.to(self.device) if y is not None and self.num_classes else None
+        denoiser = self.guided_denoiser(self.guidance if guidance is None else guidance)
         with self.eval_mode():
-            out = sample(self.denoiser(), noise, name, y=y, generator=generator, progress=progress, **spec)
+            out = sample(denoiser, noise, name, y=y, generator=generator, progress=progress, **spec)
             images = self.decode(out.x).clamp(-1, 1)
         return (images, out.nfe) if return_nfe else images
 
@@ -178,7 +211,7 @@ class DiffusionModel(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.lr_scheduler_factory(optimizer)

@@ -34,7 +34,8 @@ class DDPM(DiffusionModel):
         variance_type: the reverse variance of ancestral sampling and of the bound: ``fixed_small`` = beta~_t,
             ``fixed_large`` = beta_t, ``learned_range`` = iDDPM eq. 15 from the network's second C output channels.
             Decides once whether the variance is learned (``learned_variance``).
-        sampler, optimizer, lr_scheduler, channels_last, compile: see :class:`~.base.DiffusionModel`.
+        sampler, optimizer, lr_scheduler, channels_last, compile, class_dropout, guidance: see
+            :class:`~.base.DiffusionModel`.
     """
 
     def __init__(
@@ -50,8 +51,10 @@ class DDPM(DiffusionModel):
         lr_scheduler: SchedulerFactory | None = None,
         channels_last: bool | None = None,
         compile: bool | None = None,
+        class_dropout: float = 0.0,
+        guidance: float | None = None,
     ) -> None:
-        super().__init__(net, sampler, optimizer, lr_scheduler, channels_last, compile)
+        super().__init__(net, sampler, optimizer, lr_scheduler, channels_last, compile, class_dropout, guidance)
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.diffusion = GaussianDiffusion(get_beta_schedule(beta_schedule, num_timesteps, **(beta_kwargs or {})))
         self.prediction_type = prediction_type
@@ -97,10 +100,10 @@ class DDPM(DiffusionModel):
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         x0, y = batch
-        terms = self.loss_terms(x0, y)
+        train = stage == "train"
+        terms = self.loss_terms(x0, self.drop_labels(y) if train else y)
         weighted = terms["loss"] * terms["weights"] if "weights" in terms else terms["loss"]
         loss = weighted.mean()
-        train = stage == "train"
         if train:
             self.watch_finite(loss)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(x0), sync_dist=not train)

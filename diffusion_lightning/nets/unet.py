@@ -126,7 +126,8 @@ class UNet(nn.Module):
         dropout: dropout rate inside ResBlocks.
         num_heads: attention heads (ignored when ``num_head_channels > 0``).
         num_head_channels: channels per attention head; if > 0 it overrides ``num_heads``.
-        num_classes: if set, a learned class embedding is added to the time embedding and ``y`` is required.
+        num_classes: if set, a learned class embedding is added to the time embedding and ``y`` is required; label
+            ``num_classes`` is the null class ("no label") of classifier-free guidance (Ho & Salimans 2022).
         use_scale_shift_norm: ADM's FiLM conditioning instead of DDPM's additive time bias.
         resblock_updown: resample with ResBlocks (ADM) instead of plain (strided/upsampling) convs.
         num_groups: GroupNorm groups; every level's width must be divisible by it, and with the additive
@@ -185,7 +186,7 @@ class UNet(nn.Module):
             return ResBlock(c_in, c_out, emb_ch, dropout, num_groups, use_scale_shift_norm, **kw)
 
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.label_emb = nn.Embedding(num_classes, emb_ch) if num_classes is not None else None
+        self.label_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes is not None else None
         self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
