@@ -85,7 +85,8 @@ def model_from_checkpoint(path: str | Path, ema: bool = True) -> nn.Module:
     if not config or "model" not in config:
         raise CheckpointError(f"{path} has no run_config: it was not written by diffusion_lightning.train")
     config = upgrade_run_config(config, int(checkpoint.get("format", 1)))
-    model = instantiate(config["model"], _convert_="all")
+    # e.g. latent diffusion: its first stage from the stored config, not the stage-1 file it was trained from
+    model = instantiate(config["model"], _convert_="all", **checkpoint.get("rebuild_kwargs", {}))
     state = checkpoint["state_dict"]
     if not ema:
         if "current_model_state" not in checkpoint:

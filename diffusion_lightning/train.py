@@ -1,23 +1,38 @@
-"""Training entry: ``python -m diffusion_lightning.train experiment=ddpm_fmnist [key=value ...]``."""
+"""Training entry: ``python -m diffusion_lightning.train experiment=ddpm_fmnist [key=value ...]``.
+
+A two-stage experiment (``ldm_*``) names its stage 1 in ``first_stage``; with ``model.first_stage_ckpt`` null the
+newest finished run of that experiment is reused, or trained first in its own run folder.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import check_compatible, load_checkpoint
 from .utils import run_or_exit
 
 log = logging.getLogger(__name__)
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+#: Written into a run folder when training ran to its end: the run's last checkpoint and what it was trained on.
+FINISHED = "finished.json"
+
 # The model summary sizes parameters at 32 bits under bf16-mixed, which is right (they are float32): not a warning.
 warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
+# Latent diffusion keeps its frozen first stage in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -36,12 +51,73 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _data_key(data: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs' data the same data set for a first stage: the data module, its root and image size."""
+    return {k: data.get(k) for k in ("_target_", "root", "image_size")}
+
+
+def find_finished_run(log_dir: str | Path, experiment: str, data: DictConfig) -> Path | None:
+    """The last checkpoint of the newest finished run of ``experiment`` under ``log_dir``/train on the same data."""
+    for marker in sorted(Path(log_dir).glob(f"train/{experiment}/*/{FINISHED}"), reverse=True):
+        info = json.loads(marker.read_text())
+        if info.get("data") == _data_key(data) and Path(info["checkpoint"]).is_file():
+            return Path(info["checkpoint"])
+    return None
+
+
+def first_stage_config(cfg: DictConfig) -> DictConfig:
+    """The stage-1 run's config: its experiment with this run's data root, paths, seed and accelerator, then
+    ``first_stage.overrides``; its run folder is ``<log_dir>/train/<experiment>/<time>``."""
+    experiment = cfg.first_stage.experiment
+    out = Path(cfg.paths.log_dir) / "train" / experiment / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    overrides = [
+        f"experiment={experiment}", f"run_name={experiment}", f"paths.root_dir={cfg.paths.root_dir}",
+        f"paths.log_dir={cfg.paths.log_dir}", f"paths.output_dir={out}", f"data.root={cfg.data.root}",
+        f"seed={cfg.seed}", f"trainer.accelerator={cfg.trainer.accelerator}", f"trainer.devices={cfg.trainer.devices}",
+        *cfg.first_stage.get("overrides", []),
+    ]  # fmt: skip
+    if GlobalHydra.instance().is_initialized():  # inside the @hydra.main entry: its config search path
+        return compose("train", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def ensure_first_stage(cfg: DictConfig) -> str:
+    """The stage-1 checkpoint of a two-stage run: the newest finished run of ``first_stage.experiment`` on the same
+    data, else one trained now."""
+    experiment = cfg.first_stage.experiment
+    if found := find_finished_run(cfg.paths.log_dir, experiment, cfg.data):
+        log.info(f"first stage: reusing {found} (a finished {experiment} run on this data; model.first_stage_ckpt=... "
+                 "picks another)")
+        print(f"first stage: reusing {found}")
+        return str(found)
+    stage1 = first_stage_config(cfg)
+    out = Path(stage1.paths.output_dir)
+    print(f"first stage: no finished {experiment} run on this data under {cfg.paths.log_dir}/train: training it in "
+          f"{out}")
+    (out / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(stage1, out / ".hydra" / "config.yaml", resolve=False)
+    train(stage1)
+    found = find_finished_run(cfg.paths.log_dir, experiment, cfg.data)
+    if found is None:
+        raise RuntimeError(f"the first stage in {out} finished without a last checkpoint")
+    print(f"first stage: done, {found}; now the second stage")
+    return str(found)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Build data, model, callbacks, loggers and trainer from ``cfg`` and fit."""
+    """Build data, model, callbacks, loggers and trainer from ``cfg`` and fit (training a missing first stage
+    before, testing after where ``cfg.test``)."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # fails here, before any model is built, when the data is missing
+    if cfg.get("first_stage") and "first_stage_ckpt" in cfg.model and not cfg.model.first_stage_ckpt:
+        checkpoint = ensure_first_stage(cfg)
+        with open_dict(cfg):
+            cfg.model.first_stage_ckpt = checkpoint
+        if cfg.get("seed") is not None:
+            L.seed_everything(cfg.seed, workers=True)  # stage 2 draws as it would without a stage 1 before it
     model = instantiate(cfg.model, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("ckpt_path"):
@@ -57,6 +133,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except FloatingPointError as e:
         last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
         raise FloatingPointError(f"{e} Last good checkpoint: {last} (resume with ckpt_path=...)") from None
+    test_metrics = trainer.test(model, datamodule=datamodule, verbose=True) if cfg.get("test") else None
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+    if trainer.is_global_zero and not trainer.interrupted and last:
+        info = {"checkpoint": str(Path(last).resolve()), "global_step": trainer.global_step,
+                "experiment": cfg.get("run_name"), "data": _data_key(cfg.data),
+                "test": test_metrics[0] if test_metrics else None}
+        (Path(cfg.paths.output_dir) / FINISHED).write_text(json.dumps(info, indent=1) + "\n")
     return {"trainer": trainer, "model": model, "datamodule": datamodule}
 
 

@@ -4,6 +4,7 @@ from .checkpoint import ModelCheckpoint
 from .ema import EMA, ema_module
 from .metrics import SampleMetrics
 from .progress import ProgressBar
+from .reconstruction_grid import ReconstructionGrid
 from .sample_grid import SampleGrid
 
-__all__ = ["EMA", "ModelCheckpoint", "ProgressBar", "SampleGrid", "SampleMetrics", "ema_module"]
+__all__ = ["EMA", "ModelCheckpoint", "ProgressBar", "ReconstructionGrid", "SampleGrid", "SampleMetrics", "ema_module"]

@@ -44,7 +44,14 @@ class EMA(WeightAveraging):
         average = self._average_model
         assert average is not None, "WeightAveraging.setup builds the average before training starts"
         self._num_averaged = int(average.n_averaged)
-        self._params = list(average.parameters()), list(pl_module.parameters())
+        # buffers are not averaged (use_buffers=False) but follow the model: one set before training starts (latent
+        # diffusion's scale factor, in on_fit_start) would otherwise stay at its value when the copy was made
+        with torch.no_grad():
+            for mine, theirs in zip(average.module.buffers(), pl_module.buffers(), strict=True):
+                mine.copy_(theirs)
+        # trainable parameters only: a frozen part (latent diffusion's first stage) stays equal to its average
+        pairs = [(e, p) for e, p in zip(average.parameters(), pl_module.parameters(), strict=True) if p.requires_grad]
+        self._params = [e for e, _ in pairs], [p for _, p in pairs]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step_idx = trainer.global_step - 1  # as WeightAveraging: zero-based index of the optimizer step just taken
