@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CONF, TINY_NET
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from diffusion_lightning.data.base import ImageDataModule
-from diffusion_lightning.models import DiffusionModel
+from diffusion_lightning.models import Autoencoder, DiffusionModel
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SAMPLERS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
 
 
 def test_the_groups_are_not_empty():
-    assert {"ddpm_fmnist", "ddpm_cifar", "iddpm_fmnist", "iddpm_cifar"} <= set(EXPERIMENTS)
+    assert {"ddpm_fmnist", "ddpm_cifar", "iddpm_fmnist", "iddpm_cifar", "ae_fmnist", "ldm_fmnist", "ae_cifar",
+            "ldm_cifar"} <= set(EXPERIMENTS)
     assert {"ddpm", "ddim", "dpmpp", "heun", "consistency"} <= set(SAMPLERS)
 
 
@@ -26,13 +29,24 @@ def test_experiment_composes_and_instantiates(experiment, compose_train, tmp_pat
     """The model (the paper-sized networks too), its optimiser and LR schedule, its sampler, and the data module
     (constructed only: no data is read)."""
     cfg = compose_train([f"experiment={experiment}", f"paths.data_dir={tmp_path}"])
-    model = instantiate(cfg.model, _convert_="all")
-    assert isinstance(model, DiffusionModel)
-    assert model.sampler == {**cfg.sampler} and model.sampler["name"] == cfg.sampler.name
-    optimizers = model.configure_optimizers()
-    assert isinstance(optimizers["optimizer"], torch.optim.Optimizer)
-    assert optimizers["optimizer"].defaults["lr"] == cfg.model.optimizer.lr
-    assert model.image_shape == (cfg.model.net.in_channels, cfg.data.image_size, cfg.data.image_size)
+    kwargs = {}
+    if cfg.get("first_stage"):  # latent diffusion: a first stage built from its stage-1 experiment's config
+        stage1 = compose_train([f"experiment={cfg.first_stage.experiment}", f"paths.data_dir={tmp_path}"])
+        assert stage1.data._target_ == cfg.data._target_  # stage 1 on the same data set
+        kwargs["first_stage_config"] = json.dumps(OmegaConf.to_container(stage1.model, resolve=True))
+    model = instantiate(cfg.model, _convert_="all", **kwargs)
+    if isinstance(model, Autoencoder):
+        ae_optimizer, disc_optimizer = model.configure_optimizers()
+        assert ae_optimizer.defaults["lr"] == cfg.model.optimizer.lr and disc_optimizer is not None
+        assert cfg.trainer.gradient_clip_val is None  # Lightning refuses clipping under manual optimisation
+    else:
+        assert isinstance(model, DiffusionModel)
+        assert model.sampler == {**cfg.sampler} and model.sampler["name"] == cfg.sampler.name
+        optimizers = model.configure_optimizers()
+        assert isinstance(optimizers["optimizer"], torch.optim.Optimizer)
+        assert optimizers["optimizer"].defaults["lr"] == cfg.model.optimizer.lr
+    image_channels = model.first_stage.image_shape[0] if cfg.get("first_stage") else cfg.model.net.in_channels
+    assert model.image_shape == (image_channels, cfg.data.image_size, cfg.data.image_size)
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, ImageDataModule) and datamodule.image_size == cfg.data.image_size
     assert Path(datamodule.root) == tmp_path

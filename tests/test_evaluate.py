@@ -120,7 +120,7 @@ def test_fid_of_real_images_against_themselves_is_zero(compose_train, checkpoint
 
     train_split = FashionMNISTDataModule(root=str(ROOT / "data")).dataset("train")
     real = torch.stack([train_split[i][0] for i in range(256)])
-    monkeypatch.setattr(evaluate_mod, "generate", lambda model, n, *args, **kwargs: (real[:n], 1))
+    monkeypatch.setattr(evaluate_mod, "generate", lambda model, n, *args, **kwargs: (real[:n], 1, None))
     results = tmp_path / "real.jsonl"
     args = [f"ckpt={checkpoint}", *FID_ARGS, "num_samples=256", "reference_images=256", f"results={results}"]
     record = evaluate_mod.evaluate(compose_train(args, "evaluate"))

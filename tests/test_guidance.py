@@ -131,3 +131,17 @@ def test_guidance_is_refused_where_the_null_class_was_never_trained():
                               attention_resolutions=(), num_groups=4), num_timesteps=50)
     with pytest.raises(UserError, match="class-conditional"):
         unconditional.sample(2, guidance=3.0)
+
+
+def test_class_accuracy_is_the_share_of_samples_classified_as_their_label():
+    from diffusion_lightning.evaluate import class_accuracy
+
+    class ArgmaxOfPixels:  # a "classifier" whose logits are the first row's three pixel values
+        def __call__(self, images):
+            return {"logits": images[:, 0, 0, :3].double()}
+
+    images = torch.zeros(5, 1, 2, 3, dtype=torch.uint8)
+    for i, c in enumerate([0, 1, 2, 2, 1]):
+        images[i, 0, 0, c] = 255
+    labels = torch.tensor([0, 1, 2, 0, 0])  # three right
+    assert class_accuracy(ArgmaxOfPixels(), images, labels, batch_size=2) == pytest.approx(3 / 5)

@@ -35,7 +35,8 @@ class ReconstructionGrid(L.Callback):
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ending = 0 < trainer.max_steps <= trainer.global_step or 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1
+        last_epoch = 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1
+        ending = last_epoch or 0 < trainer.max_steps <= trainer.global_step
         if self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not ending:
             self._draw(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}")
 

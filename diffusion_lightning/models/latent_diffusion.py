@@ -3,6 +3,7 @@ autoencoder, decoded by D(z / s) for grids and metrics, which are computed at th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -31,7 +32,8 @@ def latent_scale_factor(latents: Iterable[Tensor], all_reduce: Callable[[Tensor]
     stats = torch.zeros(3, dtype=torch.float64)
     for z in latents:
         z = z.detach().double().flatten()
-        stats += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64), z.sum().cpu(), z.square().sum().cpu()])
+        count = torch.tensor(float(z.numel()), dtype=torch.float64)
+        stats += torch.stack([count, z.sum().cpu(), z.square().sum().cpu()])
     n, total, squares = all_reduce(stats).tolist()
     if n < 2:
         raise ValueError("the latent scale factor needs at least two latent values")
@@ -63,8 +65,9 @@ class LatentDiffusion(DDPM):
         net: the denoising network over latents: ``in_channels`` = the autoencoder's ``z_channels``, ``image_size`` =
             image size / f.
         first_stage_ckpt: the stage-1 checkpoint (``checkpoints/last.ckpt`` of an ``ae_*`` run).
-        first_stage_config: the stage-1 model config instead of a checkpoint (how a stage-2 checkpoint rebuilds
-            itself; the weights then come from the stage-2 checkpoint).
+        first_stage_config: the stage-1 model config as a JSON string, instead of a checkpoint: how a stage-2
+            checkpoint rebuilds itself (the weights then come from its own state dict). A string, so that Hydra does
+            not build the autoencoder it describes before this does.
         scale_factor: s; None: estimated once when training starts (``on_fit_start``, after a checkpoint would have
             restored it; the EMA copies it at ``on_train_start``) as 1 / std of the latents of ``scale_batches``
             training batches over all ranks (:func:`latent_scale_factor`), then kept in the checkpoint.
@@ -76,7 +79,7 @@ class LatentDiffusion(DDPM):
         self,
         net: nn.Module,
         first_stage_ckpt: str | None = None,
-        first_stage_config: dict[str, Any] | None = None,
+        first_stage_config: str | None = None,
         scale_factor: float | None = None,
         scale_batches: int = 16,
         **kwargs: Any,
@@ -85,6 +88,7 @@ class LatentDiffusion(DDPM):
         if first_stage_ckpt:
             first_stage, first_stage_config = load_first_stage(first_stage_ckpt)
         elif first_stage_config:
+            first_stage_config = json.loads(first_stage_config)
             first_stage = instantiate(first_stage_config, _convert_="all")
         else:
             raise UserError("latent diffusion needs its first stage: set model.first_stage_ckpt=<ae run>/checkpoints/"
@@ -154,4 +158,5 @@ class LatentDiffusion(DDPM):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         # rebuild from the stored config, not the stage-1 file (which may be gone); weights come from state_dict
-        checkpoint["rebuild_kwargs"] = {"first_stage_ckpt": None, "first_stage_config": self.first_stage_config}
+        config = json.dumps(self.first_stage_config)
+        checkpoint["rebuild_kwargs"] = {"first_stage_ckpt": None, "first_stage_config": config}
