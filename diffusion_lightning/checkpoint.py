@@ -78,12 +78,19 @@ def upgrade_run_config(config: dict[str, Any], checkpoint_format: int) -> dict[s
     return {**config, "model": model}
 
 
-def model_from_checkpoint(path: str | Path, ema: bool = True) -> nn.Module:
-    """Rebuild the LightningModule a run saved and load its EMA (default) or raw weights."""
+def model_from_checkpoint(path: str | Path, ema: bool = True, generative: bool = True) -> nn.Module:
+    """Rebuild the LightningModule a run saved and load its EMA (default) or raw weights; with ``generative`` refuse a
+    model that does not sample (a stage-1 autoencoder)."""
     checkpoint = load_checkpoint(path)
     config = checkpoint.get("run_config")
     if not config or "model" not in config:
         raise CheckpointError(f"{path} has no run_config: it was not written by diffusion_lightning.train")
+    if generative and str(config["model"].get("_target_", "")).endswith(".Autoencoder"):
+        raise CheckpointError(
+            f"{path} is a stage-1 autoencoder: it reconstructs images but does not sample them. Sample and evaluate "
+            "the checkpoint of the latent diffusion run trained on it (ldm_*); its test PSNR/SSIM/rFID are in the "
+            "run folder's finished.json"
+        )
     config = upgrade_run_config(config, int(checkpoint.get("format", 1)))
     # e.g. latent diffusion: its first stage from the stored config, not the stage-1 file it was trained from
     model = instantiate(config["model"], _convert_="all", **checkpoint.get("rebuild_kwargs", {}))

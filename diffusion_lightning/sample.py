@@ -19,16 +19,22 @@ def sample_from_config(cfg: DictConfig) -> Path:
     model = model_from_checkpoint(cfg.ckpt, ema=cfg.ema).to(resolve_device(cfg.device))
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
     generator = torch.Generator().manual_seed(cfg.seed)
+    nrow, labels = max(1, int(cfg.num_samples**0.5)), None
+    if model.num_classes:  # one row per class
+        nrow = max(1, cfg.num_samples // model.num_classes)
+        labels = torch.arange(cfg.num_samples) // nrow % model.num_classes
     images, nfe = generate(
-        model, cfg.num_samples, cfg.batch_size, generator, sampler, show_progress=True, guidance=cfg.get("guidance")
+        model, cfg.num_samples, cfg.batch_size, generator, sampler, show_progress=True, guidance=cfg.get("guidance"),
+        labels=labels,
     )
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "samples.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images + 1) / 2, out, nrow=max(1, int(len(images) ** 0.5)))
+    save_image((images + 1) / 2, out, nrow=nrow)
     if cfg.save_npz:
         np.savez(out.with_suffix(".npz"), samples=to_uint8(images).permute(0, 2, 3, 1).numpy())
     spec = model.sampler_spec(sampler)
-    print(f"wrote {len(images)} samples ({spec['name']}, steps={spec.get('steps')}, {nfe} NFE) to {out}")
+    rows = f", one row per class, guidance {cfg.get('guidance') or model.guidance or 1}" if model.num_classes else ""
+    print(f"wrote {len(images)} samples ({spec['name']}, steps={spec.get('steps')}, {nfe} NFE{rows}) to {out}")
     return out
 
 

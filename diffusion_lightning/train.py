@@ -31,6 +31,8 @@ FINISHED = "finished.json"
 
 # The model summary sizes parameters at 32 bits under bf16-mixed, which is right (they are float32): not a warning.
 warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
+# The autoencoder (manual optimisation) is checkpointed after its step, as every model here: what it warns about.
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 # Latent diffusion keeps its frozen first stage in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 

@@ -147,6 +147,18 @@ def test_ldm_cifar_trains_stage_one_then_two_reuses_stage_one_and_samples_withou
     images = ldm.sample(3, y=torch.tensor([0, 5, 9]), generator=g, guidance=3.0)
     assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all() and images.abs().max() <= 1
 
+    # the sampling entry: guidance on the command line, one row per class
+    from PIL import Image
+
+    from diffusion_lightning.sample import sample_from_config
+
+    grid = tmp_path / "grid.png"
+    sample_cfg = compose_train([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "guidance=3", "num_samples=20",
+                                "sampler.steps=2", "sampler=ddim", f"out={grid}"], config_name="sample")
+    sample_from_config(sample_cfg)
+    assert Image.open(grid).size == (2 + 2 * 34, 2 + 10 * 34)  # 10 rows (classes) of 2, 2-pixel padding
+    assert "one row per class, guidance 3" in capsys.readouterr().out
+
 
 def test_ldm_cifar_without_data_stops_before_anything_starts(compose_train, tmp_path):
     cfg = compose_train(["experiment=ldm_cifar", f"paths.data_dir={tmp_path / 'nodata'}",
@@ -166,3 +178,28 @@ def test_a_foreign_first_stage_checkpoint_is_refused(tmp_path):
                tmp_path / "ddpm.ckpt")
     with pytest.raises(CheckpointError, match="not a stage-1 autoencoder"):
         load_first_stage(tmp_path / "ddpm.ckpt")
+
+
+def test_sampling_an_autoencoder_checkpoint_is_refused_with_the_fix(tmp_path):
+    from diffusion_lightning.errors import CheckpointError
+
+    config = {"model": {"_target_": "diffusion_lightning.models.Autoencoder"}}
+    torch.save({"state_dict": {}, "run_config": config}, tmp_path / "ae.ckpt")
+    with pytest.raises(CheckpointError, match="stage-1 autoencoder.*ldm_"):
+        model_from_checkpoint(tmp_path / "ae.ckpt")
+
+
+def test_latent_sampling_never_clips_latents_to_the_image_range(tmp_path):
+    from diffusion_lightning.models import LatentDiffusion
+    from diffusion_lightning.nets import UNet
+
+    config = {"_target_": "diffusion_lightning.models.Autoencoder", "perceptual_weight": 0.0,
+              "net": {"_target_": "diffusion_lightning.nets.AutoencoderKL", "image_size": 16, "in_channels": 3,
+                      "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 2, "attention": False,
+                      "num_groups": 4}}
+    net = UNet(image_size=8, in_channels=2, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4)
+    ldm = LatentDiffusion(net, first_stage_config=json.dumps(config), scale_factor=1.0, num_timesteps=20,
+                          sampler={"name": "ddim", "steps": 3, "clip_denoised": True})
+    spec = ldm.sampler_spec(threshold=0.99)
+    assert spec["clip_denoised"] is False and spec["threshold"] is None

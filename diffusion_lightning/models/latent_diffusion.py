@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from diffusion_lightning.errors import CheckpointError, UserError
+from diffusion_lightning.nets.autoencoder import DiagonalGaussian
 
 from .autoencoder import Autoencoder
 from .ddpm import DDPM
@@ -42,7 +43,8 @@ def latent_scale_factor(latents: Iterable[Tensor], all_reduce: Callable[[Tensor]
 
 
 def load_first_stage(path: str | Path) -> tuple[Autoencoder, dict[str, Any]]:
-    """The stage-1 :class:`Autoencoder` of a finished ``ae_*`` run, with its model config."""
+    """The stage-1 :class:`Autoencoder` of a finished ``ae_*`` run (without its discriminator and perceptual network,
+    which only its training needs), with the model config that rebuilds it."""
     from diffusion_lightning.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(path)
@@ -52,8 +54,11 @@ def load_first_stage(path: str | Path) -> tuple[Autoencoder, dict[str, Any]]:
             f"{path} is not a stage-1 autoencoder checkpoint (its model is {config and config.get('_target_')}): "
             "point model.first_stage_ckpt at checkpoints/last.ckpt of an ae_* run"
         )
+    # the encoder and decoder only: no discriminator or perceptual network (whose weight files may be gone)
+    config = {**config, "discriminator": None, "perceptual": None, "perceptual_weight": 0.0}
     autoencoder = instantiate(config, _convert_="all")
-    autoencoder.load_state_dict(checkpoint["state_dict"])
+    autoencoder.load_state_dict({k: v for k, v in checkpoint["state_dict"].items()
+                                 if not k.startswith(("discriminator.", "perceptual."))})
     return autoencoder, config
 
 
@@ -114,6 +119,11 @@ class LatentDiffusion(DDPM):
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.first_stage.latent_shape)
 
+    def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+        """As :class:`DDPM`, with ``clip_denoised`` and ``threshold`` off: they clip x0_hat to the image range [-1, 1],
+        and unit-variance latents are not images (the reference samples latents unclipped)."""
+        return {**super().sampler_spec(sampler, **overrides), "clip_denoised": False, "threshold": None}
+
     def train(self, mode: bool = True) -> LatentDiffusion:
         super().train(mode)
         self.first_stage.eval()  # frozen: no dropout, fixed normalisation, whatever mode the rest is in
@@ -121,8 +131,10 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """z = s * (a sample of q(z | x)) of images x in [-1, 1]."""
-        return self.first_stage.encode(x).sample() * self.scale_factor.to(x.dtype)
+        """z = s * (a sample of q(z | x)) of images x in [-1, 1], in float32 (under bf16 autocast the encoder's output
+        is bfloat16: its 8-bit mantissa would quantise the diffusion targets)."""
+        posterior = DiagonalGaussian(self.first_stage.encode(x).parameters.float())
+        return posterior.sample() * self.scale_factor
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:

@@ -44,20 +44,25 @@ def generate(
     uint8: bool = False,
     guidance: float | None = None,
     return_labels: bool = False,
+    labels: Tensor | None = None,
 ) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor | None]:
     """``num_samples`` images from ``model.sample`` in batches drawn from one generator, on the CPU: floats in
     [-1, 1], or with ``uint8`` quantised as saved PNGs are (:func:`~diffusion_lightning.images.to_uint8`). Returns
     them with the counted network evaluations per sample (and with ``return_labels`` the class labels drawn for a
-    class-conditional model, else None). ``sampler`` and ``guidance`` None: the model's own."""
-    chunks, labels, nfe = [], [], 0
+    class-conditional model, else None). ``sampler`` and ``guidance`` None: the model's own; ``labels`` (num_samples,)
+    the classes to draw (None: uniformly random ones)."""
+    chunks, drawn, nfe = [], [], 0
     starts = range(0, num_samples, batch_size)
     for start in track(starts, description="sampling", transient=True) if show_progress else starts:
         n = min(batch_size, num_samples - start)
-        y = torch.randint(0, model.num_classes, (n,), generator=generator) if model.num_classes else None
+        y = None
+        if model.num_classes:
+            y = labels[start : start + n] if labels is not None else torch.randint(0, model.num_classes, (n,),
+                                                                                    generator=generator)
         images, nfe = model.sample(n, y=y, generator=generator, sampler=sampler, guidance=guidance, return_nfe=True)
         images = images.float().cpu()
         chunks.append(to_uint8(images) if uint8 else images)
-        labels.append(y)
+        drawn.append(y)
     if return_labels:
-        return torch.cat(chunks), nfe, torch.cat(labels) if model.num_classes else None
+        return torch.cat(chunks), nfe, torch.cat(drawn) if model.num_classes else None
     return torch.cat(chunks), nfe
