@@ -68,16 +68,21 @@ def find_finished_run(log_dir: str | Path, experiment: str, data: DictConfig) ->
 
 
 def first_stage_config(cfg: DictConfig) -> DictConfig:
-    """The stage-1 run's config: its experiment with this run's data root, paths, seed and accelerator, then
-    ``first_stage.overrides``; its run folder is ``<log_dir>/train/<experiment>/<time>``."""
+    """The stage-1 run's config: its experiment with this run's data root, paths, seed, accelerator and devices (and
+    under DDP a strategy that allows parameters without gradients), then ``first_stage.overrides``; its run folder is
+    ``<log_dir>/train/<experiment>/<time>``."""
     experiment = cfg.first_stage.experiment
     out = Path(cfg.paths.log_dir) / "train" / experiment / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     overrides = [
         f"experiment={experiment}", f"run_name={experiment}", f"paths.root_dir={cfg.paths.root_dir}",
         f"paths.log_dir={cfg.paths.log_dir}", f"paths.output_dir={out}", f"data.root={cfg.data.root}",
         f"seed={cfg.seed}", f"trainer.accelerator={cfg.trainer.accelerator}", f"trainer.devices={cfg.trainer.devices}",
-        *cfg.first_stage.get("overrides", []),
     ]  # fmt: skip
+    if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+        # the autoencoder's discriminator takes no part in its steps before disc_start: DDP must allow unused ones
+        overrides += ["++trainer.strategy=ddp_find_unused_parameters_true",
+                      f"++trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}"]
+    overrides += list(cfg.first_stage.get("overrides", []))
     if GlobalHydra.instance().is_initialized():  # inside the @hydra.main entry: its config search path
         return compose("train", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

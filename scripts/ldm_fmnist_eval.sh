@@ -7,7 +7,7 @@
 #   3. grids with one row per class at w = 1 and w = 3.
 # Usage: scripts/ldm_fmnist_eval.sh [MAX_TIME]   (default 00:00:05:00; Lightning's DD:HH:MM:SS)
 # Environment: GUIDANCE="0,1,2,3,5"  SEEDS="0,1,2"  NUM_SAMPLES=2000  PYTHON=.venv/bin/python  OUT=outputs/ldm_eval
-#   LDM=CKPT PIXEL=CKPT: evaluate these checkpoints, no training
+#   LDM=CKPT PIXEL=CKPT: evaluate these checkpoints, no training; STEPS=50: ancestral sampling steps of the FID rows
 set -euo pipefail
 max_time=${1:-00:00:05:00}
 py=${PYTHON:-.venv/bin/python}
@@ -36,7 +36,8 @@ ldm=${LDM:-$(newest_ckpt ldm_fmnist)/checkpoints/last.ckpt}
 pixel=${PIXEL:-$(newest_ckpt ddpm_fmnist_cond)/checkpoints/last.ckpt}
 echo "ldm: $ldm"; echo "pixel: $pixel"
 
-fid=(metric=fid extractor=fmnist-classifier "num_samples=$n" "results=$out/results.jsonl")
+fid=(metric=fid extractor=fmnist-classifier "num_samples=$n" "results=$out/results.jsonl" sampler=ddpm
+     "sampler.steps=${STEPS:-50}")
 $py -m diffusion_lightning.evaluate -m "ckpt=$pixel" "seed=$seeds" "${fid[@]}" 2>&1 | tail -n 3
 $py -m diffusion_lightning.evaluate -m "ckpt=$ldm" "seed=$seeds" "guidance=$guidance" "${fid[@]}" 2>&1 | tail -n 3
 for w in 1 3; do
