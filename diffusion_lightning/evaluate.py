@@ -119,26 +119,14 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
         batch_size=cfg.batch_size,
     ).to(device)
     quality.set_reference(ref)
-    quality.update(uint8)
+    quality.update(uint8, labels)
     result: dict[str, Any] = quality.compute(seed=cfg.seed)
     if nfe is not None:
         result["nfe"] = nfe
     result["reference"] = {"split": cfg.reference_split, "num_images": ref.num_images, "extractor": cfg.extractor}
-    if labels is not None and extractor.has_logits:
-        result["class_accuracy"] = class_accuracy(extractor, uint8, labels, cfg.batch_size)
     if not extractor.has_logits:
         result |= {"is": None, "is_unavailable": f"IS unavailable: no logits, {extractor.logits_unavailable_reason}"}
     return result
-
-
-def class_accuracy(extractor: Any, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    """The fraction of uint8 ``images`` the extractor's classifier assigns to their ``labels`` (the class fidelity of
-    conditional samples; for real images the classifier's own test accuracy)."""
-    hits = 0
-    for start in range(0, len(images), batch_size):
-        logits = extractor(images[start : start + batch_size])["logits"]
-        hits += int((logits.argmax(1).cpu() == labels[start : start + batch_size]).sum())
-    return hits / len(images)
 
 
 def sampler_of(cfg: DictConfig) -> dict[str, Any] | None:

@@ -94,9 +94,8 @@ def ensure_first_stage(cfg: DictConfig) -> str:
     data, else one trained now."""
     experiment = cfg.first_stage.experiment
     if found := find_finished_run(cfg.paths.log_dir, experiment, cfg.data):
-        log.info(f"first stage: reusing {found} (a finished {experiment} run on this data; model.first_stage_ckpt=... "
-                 "picks another)")
-        print(f"first stage: reusing {found}")
+        print(f"first stage: reusing {found} (a finished {experiment} run on this data; model.first_stage_ckpt=... "
+              "picks another)")
         return str(found)
     stage1 = first_stage_config(cfg)
     out = Path(stage1.paths.output_dir)
@@ -105,11 +104,11 @@ def ensure_first_stage(cfg: DictConfig) -> str:
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(stage1, out / ".hydra" / "config.yaml", resolve=False)
     train(stage1)
-    found = find_finished_run(cfg.paths.log_dir, experiment, cfg.data)
-    if found is None:
+    if not (out / FINISHED).is_file():
         raise RuntimeError(f"the first stage in {out} finished without a last checkpoint")
+    found = json.loads((out / FINISHED).read_text())["checkpoint"]
     print(f"first stage: done, {found}; now the second stage")
-    return str(found)
+    return found
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -134,14 +134,20 @@ def test_guidance_is_refused_where_the_null_class_was_never_trained():
 
 
 def test_class_accuracy_is_the_share_of_samples_classified_as_their_label():
-    from diffusion_lightning.evaluate import class_accuracy
+    """From the logits the metrics already extract (no second pass): 3 of 5 labels agree with the classifier."""
+    from diffusion_lightning.metrics import SampleQuality, compute_reference_stats, from_uint8, get_extractor
 
-    class ArgmaxOfPixels:  # a "classifier" whose logits are the first row's three pixel values
-        def __call__(self, images):
-            return {"logits": images[:, 0, 0, :3].double()}
-
-    images = torch.zeros(5, 1, 2, 3, dtype=torch.uint8)
-    for i, c in enumerate([0, 1, 2, 2, 1]):
-        images[i, 0, 0, c] = 255
-    labels = torch.tensor([0, 1, 2, 0, 0])  # three right
-    assert class_accuracy(ArgmaxOfPixels(), images, labels, batch_size=2) == pytest.approx(3 / 5)
+    extractor = get_extractor("fmnist-classifier")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 1, 32, 32), generator=g).to(torch.uint8)
+    predicted = extractor(images)["logits"].argmax(1)
+    labels = predicted.clone()
+    labels[[1, 3]] = (predicted[[1, 3]] + 1) % 10  # two wrong
+    reference = torch.randint(0, 256, (200, 1, 32, 32), generator=g).to(torch.uint8)
+    quality = SampleQuality(extractor, kid_subset_size=5, kid_subsets=2, is_splits=1)
+    quality.set_reference(compute_reference_stats([from_uint8(reference)], extractor, keep_features=True))
+    quality.update(images, labels)
+    assert quality.compute()["class_accuracy"] == pytest.approx(3 / 5)
+    quality.reset()
+    quality.update(images)  # unlabelled samples: no accuracy
+    assert "class_accuracy" not in quality.compute()

@@ -93,6 +93,7 @@ class SampleQuality(nn.Module):
                 else None
             )
         self.has_reference = False
+        self._hits = self._labelled = 0  # class accuracy of labelled samples, from the same logits
 
     def set_reference(self, ref: ReferenceStats | None) -> None:
         """Load the real side: the reference statistics on exactly one rank, ``None`` on the others."""
@@ -112,14 +113,20 @@ class SampleQuality(nn.Module):
         self.kid.real_features.append(real)
         self.has_reference = True
 
-    def update(self, images: Tensor) -> None:
-        """Add generated uint8 images (B, C, H, W); features are extracted once for all metrics."""
+    def update(self, images: Tensor, labels: Tensor | None = None) -> None:
+        """Add generated uint8 images (B, C, H, W); features are extracted once for all metrics. With the class
+        ``labels`` the samples were drawn for, and an extractor with logits, also their ``class_accuracy`` (this
+        process's samples: the share the extractor's classifier assigns to their label)."""
         if images.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images (quantise with to_uint8), got {images.dtype}")
         self.fid.update(images, real=False)
         self.kid.update(images, real=False)
         if self.inception_score is not None:
             self.inception_score.update(images)
+        if labels is not None and self.extractor.has_logits:
+            logits = self.extraction(images)["logits"]  # the logits IS used: no second extraction
+            self._hits += int((logits.argmax(1).cpu() == labels.cpu()).sum())
+            self._labelled += len(labels)
         self.extraction.clear()
 
     def compute(self, seed: int = 0) -> dict[str, float]:
@@ -134,6 +141,8 @@ class SampleQuality(nn.Module):
             values["kid"], values["kid_std"] = self.kid.compute()
             if self.inception_score is not None:
                 values["is"], values["is_std"] = self.inception_score.compute()
+        if self._labelled:
+            values["class_accuracy"] = self._hits / self._labelled
         return {k: float(v) for k, v in values.items()}
 
     def reset(self) -> None:
@@ -142,4 +151,5 @@ class SampleQuality(nn.Module):
         self.kid.reset()
         if self.inception_score is not None:
             self.inception_score.reset()
+        self._hits = self._labelled = 0
         self.extraction.clear()

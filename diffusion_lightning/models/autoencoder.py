@@ -9,7 +9,6 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,12 +22,12 @@ from diffusion_lightning.nets.autoencoder import (
     hinge_d_loss,
 )
 
-from .base import CHECKPOINT_FORMAT, OptimizerFactory, _rng_states, _set_rng_states
+from .base import OptimizerFactory, RunModule
 
 log = logging.getLogger(__name__)
 
 
-class Autoencoder(L.LightningModule):
+class Autoencoder(RunModule):
     """KL autoencoder (stage 1). The loss per image, as the reference's ``LPIPSWithDiscriminator``:
 
     L = sum_pixels [ r / e^s + s ] + kl_weight KL(q(z|x) || N(0, I)) + lambda d_weight g,   r = |x - x_rec| + w_p LPIPS
@@ -85,7 +84,6 @@ class Autoencoder(L.LightningModule):
             torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9)
         )
         self.fid_extractor = fid_extractor
-        self.run_config: dict[str, Any] | None = None
         self._test: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ what stage 2 asks
@@ -108,12 +106,8 @@ class Autoencoder(L.LightningModule):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """decode(mode of q(z | x)), clamped to [-1, 1], in eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.eval_mode():
             return self.net.decode(self.net.encode(x.to(self.device)).mode()).clamp(-1, 1)
-        finally:
-            self.train(was_training)
 
     # ------------------------------------------------------------------ loss
     def reconstruction_terms(self, x: Tensor, recon: Tensor, posterior: DiagonalGaussian) -> dict[str, Tensor]:
@@ -156,12 +150,8 @@ class Autoencoder(L.LightningModule):
             self.manual_backward(d_loss)
             opt_d.optimizer.step()  # the raw optimizer: global_step counts autoencoder steps only
             terms |= {"d_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
-        if self._trainer is None or self.trainer._logger_connector.should_update_logs:
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(
-                    f"non-finite autoencoder loss at step {self.global_step}: lower model.optimizer.lr or "
-                    "model.kl_weight. Checkpoints written before it are kept."
-                )
+        self.watch_finite(loss)  # checked at logging steps and before every checkpoint (RunModule)
+        if self.is_logging_step():
             self.log("train/loss", loss.detach(), prog_bar=True)
             self.log("train/logvar", self.logvar.detach())
             for name, value in terms.items():
@@ -222,19 +212,9 @@ class Autoencoder(L.LightningModule):
                  for part in (real, recon)]
         return fid_from_features(*feats)
 
-    # ------------------------------------------------------------------ optimisers and checkpoints
+    # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         ae = self.optimizer_factory([*self.net.parameters(), self.logvar])
         if self.discriminator is None:
             return [ae]
         return [ae, self.optimizer_factory(self.discriminator.parameters())]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.run_config is not None:
-            checkpoint["run_config"] = self.run_config
-        checkpoint["format"] = CHECKPOINT_FORMAT
-        checkpoint["rng_states"] = _rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])

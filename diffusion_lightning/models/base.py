@@ -43,7 +43,72 @@ def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
 
 
-class DiffusionModel(L.LightningModule):
+class RunModule(L.LightningModule):
+    """What every LightningModule of a run shares (the diffusion recipes and the stage-1 autoencoder): the run config
+    and RNG state in its checkpoints, the NaN/Inf watch that never lets a checkpoint of non-finite weights be written,
+    and eval mode for inference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The resolved run config (set by the training entry); saved so a checkpoint rebuilds its model.
+        self.run_config: dict[str, Any] | None = None
+        self._first_nonfinite_step: Tensor | None = None  # see watch_finite
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Eval mode (no dropout) inside, the previous mode restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def is_logging_step(self) -> bool:
+        """Whether this training step's logged values reach the loggers (every ``trainer.log_every_n_steps``)."""
+        return self._trainer is None or self.trainer._logger_connector.should_update_logs
+
+    def watch_finite(self, loss: Tensor) -> None:
+        """Note the first optimizer step whose training loss is NaN/Inf, on the device (no synchronisation); it is
+        checked by :meth:`check_finite` at logging steps, before every checkpoint is written and at the end."""
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = self._first_nonfinite_step
+        self._first_nonfinite_step = torch.where(bad & (first < 0), self.global_step, first)
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first step with a non-finite loss, if there was one."""
+        if self._first_nonfinite_step is not None and (step := int(self._first_nonfinite_step)) >= 0:
+            raise FloatingPointError(
+                f"non-finite training loss at global step {step} (the weights after it are not finite); lower "
+                "model.optimizer.lr, raise the warm-up or check the data. Checkpoints written before it are kept."
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.is_logging_step():
+            self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # never write a checkpoint of weights that a non-finite loss has updated
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config
+        checkpoint["format"] = CHECKPOINT_FORMAT
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restoring the RNG makes a resumed run draw the same data order, t and noise as an
+        # uninterrupted one (exact when resuming at an epoch boundary on one process).
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+            if self._trainer is not None and self.trainer.world_size > 1 and self.global_rank > 0:
+                torch.manual_seed(int(torch.randint(2**31, (1,))) + 1000003 * self.global_rank)
+
+
+class DiffusionModel(RunModule):
     """Base of the recipes (module docstring).
 
     Args:
@@ -84,12 +149,9 @@ class DiffusionModel(L.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.compile = compile
-        self._first_nonfinite_step: Tensor | None = None  # see watch_finite
         self.sampler = {"name": "ddim", "steps": 50, **(sampler or {})}
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=2e-4)
         self.lr_scheduler_factory = lr_scheduler
-        # The resolved run config (set by the training entry); saved so a checkpoint rebuilds its model.
-        self.run_config: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ what callers ask
     @property
@@ -199,16 +261,6 @@ class DiffusionModel(L.LightningModule):
             images = self.decode(out.x).clamp(-1, 1)
         return (images, out.nfe) if return_nfe else images
 
-    @contextlib.contextmanager
-    def eval_mode(self) -> Iterator[None]:
-        """Eval mode (no dropout) inside, the previous mode restored after."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
@@ -232,34 +284,6 @@ class DiffusionModel(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def is_logging_step(self) -> bool:
-        """Whether this training step's logged values reach the loggers (every ``trainer.log_every_n_steps``)."""
-        return self._trainer is None or self.trainer._logger_connector.should_update_logs
-
-    def watch_finite(self, loss: Tensor) -> None:
-        """Note the first optimizer step whose training loss is NaN/Inf, on the device (no synchronisation); it is
-        checked by :meth:`check_finite` at logging steps, before every checkpoint is written and at the end."""
-        bad = ~torch.isfinite(loss.detach())
-        if self._first_nonfinite_step is None:
-            self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first = self._first_nonfinite_step
-        self._first_nonfinite_step = torch.where(bad & (first < 0), self.global_step, first)
-
-    def check_finite(self) -> None:
-        """Raise ``FloatingPointError`` naming the first step with a non-finite loss, if there was one."""
-        if self._first_nonfinite_step is not None and (step := int(self._first_nonfinite_step)) >= 0:
-            raise FloatingPointError(
-                f"non-finite training loss at global step {step} (the weights after it are not finite); lower "
-                "model.optimizer.lr, raise the warm-up or check the data. Checkpoints written before it are kept."
-            )
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.is_logging_step():
-            self.check_finite()
-
-    def on_train_end(self) -> None:
-        self.check_finite()
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global gradient norm before any clipping (``train/grad_norm``, as the papers' code logs it), at
         logging steps only (it is a pass over all gradients)."""
@@ -274,21 +298,6 @@ class DiffusionModel(L.LightningModule):
         if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
             torch.manual_seed(torch.initial_seed() + 1000003 * self.global_rank)
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_finite()  # never write a checkpoint of weights that a non-finite loss has updated
-        if self.run_config is not None:
-            checkpoint["run_config"] = self.run_config
-        checkpoint["format"] = CHECKPOINT_FORMAT
-        checkpoint["rng_states"] = _rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Restoring the RNG makes a resumed run draw the same data order, t and noise as an
-        # uninterrupted one (exact when resuming at an epoch boundary on one process).
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
-            if self._trainer is not None and self.trainer.world_size > 1 and self.global_rank > 0:
-                torch.manual_seed(int(torch.randint(2**31, (1,))) + 1000003 * self.global_rank)
 
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable[..., Tensor]] = weakref.WeakKeyDictionary()

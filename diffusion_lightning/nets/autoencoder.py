@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .unet import Upsample  # nearest-neighbour x2 then a 3x3 conv, as the reference's (same parameter names)
+
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
@@ -112,17 +114,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour upsampling then a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):
