@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .gaussian import GaussianDiffusion, PredictionType, _extract
 from .grids import karras_grid, timestep_sigmas, uniform_t_sigmas
-from .schedules import CosineSchedule
+from .schedules import CosineSchedule, DiscreteTime
 
 Sigma = float | Tensor
 # A network as the adapters call it: net(model input, noise conditioning (B,), class labels or None) -> output.
@@ -112,6 +112,11 @@ class DiscreteVPDenoiser(Denoiser):
         self.log_sigmas = self.sigmas.log()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
 
+    @property
+    def time(self) -> DiscreteTime:
+        """Continuous time over the model's levels (level k at t = (k + 1) / T), for grids uniform in t."""
+        return DiscreteTime(self.sigmas)
+
     def timestep(self, sigma: Sigma) -> Tensor:
         """Index of the level nearest to ``sigma`` in log sigma (long, the shape of ``sigma``, on the CPU)."""
         log_sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu().log()
@@ -139,25 +144,29 @@ class DiscreteVPDenoiser(Denoiser):
 
 
 class ContinuousVPDenoiser(Denoiser):
-    """A network fed continuous time on a :class:`~.schedules.CosineSchedule`, presented over sigma.
+    """A network fed continuous time on a :class:`~.schedules.CosineSchedule` (or the :class:`~.schedules.DiscreteTime`
+    of a discrete model's levels), presented over sigma.
 
     The network sees z = alpha x, alpha = 1 / sqrt(1 + sigma^2), and ``time_input="t"`` gives it 1000 t(sigma) (the
-    range of the DDPM sinusoidal embedding), ``"logsnr"`` the log-SNR -2 log sigma. Its output is eps (x0 = x - sigma
-    eps), x0, or v = alpha eps - sigma_vp x0 (x0 = alpha z - sigma_vp v with sigma_vp = sigma alpha; Salimans & Ho
-    2022, Sec. 4). The default grid is uniform in t.
+    range of the DDPM sinusoidal embedding), ``"logsnr"`` the log-SNR -2 log sigma, ``"timestep"`` the fractional
+    timestep index of a :class:`~.schedules.DiscreteTime` (what a network trained on those levels was fed). Its output
+    is eps (x0 = x - sigma eps), x0, or v = alpha eps - sigma_vp x0 (x0 = alpha z - sigma_vp v with sigma_vp = sigma
+    alpha; Salimans & Ho 2022, Sec. 4). The default grid is uniform in t.
     """
 
     def __init__(
         self,
         net: Network,
-        schedule: CosineSchedule | None = None,
+        schedule: CosineSchedule | DiscreteTime | None = None,
         prediction_type: PredictionType = "v",
-        time_input: Literal["t", "logsnr"] = "t",
+        time_input: Literal["t", "logsnr", "timestep"] = "t",
     ) -> None:
         if prediction_type not in ("eps", "x0", "v"):
             raise ValueError(f"unknown prediction_type {prediction_type!r}: use 'eps', 'x0' or 'v'")
-        if time_input not in ("t", "logsnr"):
-            raise ValueError(f"unknown time_input {time_input!r}: use 't' or 'logsnr'")
+        if time_input not in ("t", "logsnr", "timestep"):
+            raise ValueError(f"unknown time_input {time_input!r}: use 't', 'logsnr' or 'timestep'")
+        if time_input == "timestep" and not isinstance(schedule, DiscreteTime):
+            raise ValueError("time_input='timestep' needs the DiscreteTime of a discrete model's levels")
         self.net, self.schedule = net, schedule or CosineSchedule()
         self.prediction_type, self.time_input = prediction_type, time_input
         self.sigma_min, self.sigma_max = float(self.schedule.sigma(0.0)), float(self.schedule.sigma(1.0))
@@ -170,8 +179,15 @@ class ContinuousVPDenoiser(Denoiser):
             raise ValueError(f"a continuous-time model takes an integer number of steps, got {steps!r}")
         return uniform_t_sigmas(self.schedule, int(steps))
 
+    @property
+    def time(self) -> CosineSchedule | DiscreteTime:
+        """The model's continuous time t in [0, 1] (``sigma(t)``, ``t(sigma)``)."""
+        return self.schedule
+
     def noise_input(self, sigma: Tensor) -> Tensor:
-        """What the network is fed for the noise level: 1000 t(sigma), or the log-SNR -2 log sigma."""
+        """What the network is fed for the noise level: 1000 t(sigma), the log-SNR -2 log sigma, or the timestep."""
+        if self.time_input == "timestep":
+            return self.schedule.timestep(sigma)
         return 1000.0 * self.schedule.t(sigma) if self.time_input == "t" else -2.0 * sigma.log()
 
     def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

@@ -122,3 +122,42 @@ class CosineSchedule:
         """The inverse, t(sigma) = (atan(sigma) - b) / a (in the dtype of ``sigma``, float64 for a number)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma
         return (torch.atan(sigma) - self.b) / self.a
+
+
+class DiscreteTime:
+    """Continuous time t in [0, 1] over the T levels of a discrete model: level k (0-based) sits at t_k = (k + 1) / T
+    and sigma(t) interpolates log sigma linearly between levels (clamped to [sigma_0, sigma_{T-1}] outside [1/T, 1]),
+    so that an N-step grid t = i / N (progressive distillation) can be laid over a DDPM-type teacher.
+    :meth:`timestep` is the fractional timestep index T t - 1 that such a network is fed (an integer at its levels).
+    """
+
+    def __init__(self, sigmas: Tensor) -> None:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        if sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()):
+            raise ValueError("DiscreteTime needs the model's levels sigma_t, strictly ascending in t")
+        self.num_timesteps = len(sigmas)
+        self.knots = torch.arange(1, len(sigmas) + 1, dtype=torch.float64) / len(sigmas)
+        self.log_sigmas = sigmas.log()
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        """sigma(t), log-linear between levels (in the dtype and on the device of ``t``; float64 for a number)."""
+        t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, Tensor) else t
+        return _interp(t, self.knots, self.log_sigmas).exp()
+
+    def t(self, sigma: Tensor | float) -> Tensor:
+        """The inverse of :meth:`sigma` on [sigma_0, sigma_{T-1}]."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma
+        return _interp(sigma.log(), self.log_sigmas, self.knots)
+
+    def timestep(self, sigma: Tensor | float) -> Tensor:
+        """The fractional timestep index T t(sigma) - 1 in [0, T - 1]."""
+        return self.t(sigma) * self.num_timesteps - 1
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x (xp ascending), clamped at the ends; in x's dtype/device."""
+    xp, fp = xp.to(x.device), fp.to(x.device)
+    xc = x.to(xp.dtype).clamp(float(xp[0]), float(xp[-1]))
+    i = torch.searchsorted(xp, xc.contiguous()).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    return (f0 + (f1 - f0) * (xc - x0) / (x1 - x0)).to(x.dtype)
