@@ -31,3 +31,13 @@ def cpu_precision() -> str:
 
 
 OmegaConf.register_new_resolver("dl_cpu_precision", cpu_precision, replace=True)
+
+
+def distill_steps(start_steps: int, end_steps: int, steps_per_round: int) -> int:
+    """``${dl_distill_steps:start,end,per_round}``: the optimizer steps of all progressive-distillation rounds."""
+    from .models.progressive_distillation import distillation_steps
+
+    return distillation_steps(start_steps, end_steps, steps_per_round)
+
+
+OmegaConf.register_new_resolver("dl_distill_steps", distill_steps, replace=True)

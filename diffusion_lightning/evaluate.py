@@ -96,10 +96,12 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     )
     if cfg.images == "samples":
         generator = torch.Generator().manual_seed(cfg.seed)
+        start = time.perf_counter()
         images, nfe, labels = generate(
             model, cfg.num_samples, cfg.batch_size, generator, sampler_of(cfg), show_progress=True,
             guidance=cfg.get("guidance"), return_labels=True,
         )
+        sampling_s = time.perf_counter() - start
     else:  # real images of a split: the baseline row of a table
         real = datamodule.dataset(cfg.images)
         items = [real[i] for i in range(min(cfg.num_samples, len(real)))]
@@ -122,7 +124,7 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     quality.update(uint8, labels)
     result: dict[str, Any] = quality.compute(seed=cfg.seed)
     if nfe is not None:
-        result["nfe"] = nfe
+        result |= {"nfe": nfe, "sampling_ms_per_image": round(1000 * sampling_s / n, 3)}
     result["reference"] = {"split": cfg.reference_split, "num_images": ref.num_images, "extractor": cfg.extractor}
     if not extractor.has_logits:
         result |= {"is": None, "is_unavailable": f"IS unavailable: no logits, {extractor.logits_unavailable_reason}"}

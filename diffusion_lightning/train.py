@@ -1,7 +1,9 @@
 """Training entry: ``python -m diffusion_lightning.train experiment=ddpm_fmnist [key=value ...]``.
 
-A two-stage experiment (``ldm_*``) names its stage 1 in ``first_stage``; with ``model.first_stage_ckpt`` null the
-newest finished run of that experiment is reused, or trained first in its own run folder.
+A two-stage experiment names the run it builds on: latent diffusion (``ldm_*``) its autoencoder in ``first_stage``,
+progressive distillation (``pd_*``) its teacher in ``teacher``; with the model's checkpoint key for it
+(``model.first_stage_ckpt``, ``model.teacher_ckpt``) null the newest finished run of that experiment is reused, or
+trained first in its own run folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import check_compatible, load_checkpoint
+from .errors import UserError
 from .utils import run_or_exit
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Written into a run folder when training ran to its end: the run's last checkpoint and what it was trained on.
 FINISHED = "finished.json"
+#: The runs a two-stage experiment builds on: its config key -> the model argument that takes their checkpoint.
+STAGES = {"first_stage": "first_stage_ckpt", "teacher": "teacher_ckpt"}
 
 # The model summary sizes parameters at 32 bits under bf16-mixed, which is right (they are float32): not a warning.
 warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
@@ -67,11 +72,11 @@ def find_finished_run(log_dir: str | Path, experiment: str, data: DictConfig) ->
     return None
 
 
-def first_stage_config(cfg: DictConfig) -> DictConfig:
-    """The stage-1 run's config: its experiment with this run's data root, paths, seed, accelerator and devices (and
-    under DDP a strategy that allows parameters without gradients), then ``first_stage.overrides``; its run folder is
-    ``<log_dir>/train/<experiment>/<time>``."""
-    experiment = cfg.first_stage.experiment
+def first_stage_config(cfg: DictConfig, key: str = "first_stage") -> DictConfig:
+    """The config of the run named by ``cfg[key]`` (``first_stage``, ``teacher``): its experiment with this run's
+    data root, paths, seed, accelerator and devices (and under DDP a strategy that allows parameters without
+    gradients), then ``cfg[key].overrides``; its run folder is ``<log_dir>/train/<experiment>/<time>``."""
+    experiment = cfg[key].experiment
     out = Path(cfg.paths.log_dir) / "train" / experiment / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     overrides = [
         f"experiment={experiment}", f"run_name={experiment}", f"paths.root_dir={cfg.paths.root_dir}",
@@ -82,32 +87,34 @@ def first_stage_config(cfg: DictConfig) -> DictConfig:
         # the autoencoder's discriminator takes no part in its steps before disc_start: DDP must allow unused ones
         overrides += ["++trainer.strategy=ddp_find_unused_parameters_true",
                       f"++trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}"]
-    overrides += list(cfg.first_stage.get("overrides", []))
+    overrides += list(cfg[key].get("overrides", []))
     if GlobalHydra.instance().is_initialized():  # inside the @hydra.main entry: its config search path
         return compose("train", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
-def ensure_first_stage(cfg: DictConfig) -> str:
-    """The stage-1 checkpoint of a two-stage run: the newest finished run of ``first_stage.experiment`` on the same
-    data, else one trained now."""
-    experiment = cfg.first_stage.experiment
+def ensure_first_stage(cfg: DictConfig, key: str = "first_stage") -> str:
+    """The checkpoint of the run a two-stage run builds on (``key``: ``first_stage`` or ``teacher``): the newest
+    finished run of ``cfg[key].experiment`` on the same data, else one trained now."""
+    experiment, what = cfg[key].experiment, key.replace("_", " ")
     if found := find_finished_run(cfg.paths.log_dir, experiment, cfg.data):
-        print(f"first stage: reusing {found} (a finished {experiment} run on this data; model.first_stage_ckpt=... "
-              "picks another)")
+        print(f"{what}: reusing {found} (a finished {experiment} run on this data; model.{STAGES[key]}=... picks "
+              "another)")
         return str(found)
-    stage1 = first_stage_config(cfg)
+    if not cfg[key].get("train", True):
+        raise UserError(f"no finished {experiment} run on this data under {cfg.paths.log_dir}/train: train one first "
+                        f"(make train EXP={experiment}) or set model.{STAGES[key]}=<its checkpoints/last.ckpt>")
+    stage1 = first_stage_config(cfg, key)
     out = Path(stage1.paths.output_dir)
-    print(f"first stage: no finished {experiment} run on this data under {cfg.paths.log_dir}/train: training it in "
-          f"{out}")
+    print(f"{what}: no finished {experiment} run on this data under {cfg.paths.log_dir}/train: training it in {out}")
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(stage1, out / ".hydra" / "config.yaml", resolve=False)
     train(stage1)
     if not (out / FINISHED).is_file():
-        raise RuntimeError(f"the first stage in {out} finished without a last checkpoint")
+        raise RuntimeError(f"the {what} in {out} finished without a last checkpoint")
     found = json.loads((out / FINISHED).read_text())["checkpoint"]
-    print(f"first stage: done, {found}; now the second stage")
+    print(f"{what}: done, {found}; now the second stage")
     return found
 
 
@@ -116,14 +123,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     before, testing after where ``cfg.test``)."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    if missing := [f"model.{k}" for k in cfg.model if OmegaConf.is_missing(cfg.model, k)]:
+        hint = f" (the {cfg.teacher.experiment} run's checkpoints/last.ckpt)" if cfg.get("teacher") else ""
+        raise UserError(f"set {', '.join(missing)}=...{hint}: this experiment has no default for it")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # fails here, before any model is built, when the data is missing
-    if cfg.get("first_stage") and "first_stage_ckpt" in cfg.model and not cfg.model.first_stage_ckpt:
-        checkpoint = ensure_first_stage(cfg)
-        with open_dict(cfg):
-            cfg.model.first_stage_ckpt = checkpoint
-        if cfg.get("seed") is not None:
-            L.seed_everything(cfg.seed, workers=True)  # stage 2 draws as it would without a stage 1 before it
+    for key, model_key in STAGES.items():
+        if cfg.get(key) and model_key in cfg.model and not cfg.model[model_key]:  # null: train or reuse one
+            checkpoint = ensure_first_stage(cfg, key)
+            with open_dict(cfg):
+                cfg.model[model_key] = checkpoint
+            if cfg.get("seed") is not None:
+                L.seed_everything(cfg.seed, workers=True)  # stage 2 draws as it would without a stage 1 before it
     model = instantiate(cfg.model, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("ckpt_path"):

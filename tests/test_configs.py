@@ -20,7 +20,7 @@ SAMPLERS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
 
 def test_the_groups_are_not_empty():
     assert {"ddpm_fmnist", "ddpm_cifar", "iddpm_fmnist", "iddpm_cifar", "ae_fmnist", "ldm_fmnist", "ae_cifar",
-            "ldm_cifar"} <= set(EXPERIMENTS)
+            "ldm_cifar", "vdiff_fmnist", "vdiff_cifar", "pd_fmnist", "pd_cifar"} <= set(EXPERIMENTS)
     assert {"ddpm", "ddim", "dpmpp", "heun", "consistency"} <= set(SAMPLERS)
 
 
@@ -34,6 +34,11 @@ def test_experiment_composes_and_instantiates(experiment, compose_train, tmp_pat
         stage1 = compose_train([f"experiment={cfg.first_stage.experiment}", f"paths.data_dir={tmp_path}"])
         assert stage1.data._target_ == cfg.data._target_  # stage 1 on the same data set
         kwargs["first_stage_config"] = json.dumps(OmegaConf.to_container(stage1.model, resolve=True))
+    if cfg.get("teacher"):  # distillation: a teacher built from its experiment's config
+        teacher = compose_train([f"experiment={cfg.teacher.experiment}", f"paths.data_dir={tmp_path}"])
+        assert teacher.data._target_ == cfg.data._target_
+        kwargs["teacher_config"] = json.dumps({"model": OmegaConf.to_container(teacher.model, resolve=True)})
+        kwargs["teacher_ckpt"] = None
     model = instantiate(cfg.model, _convert_="all", **kwargs)
     if isinstance(model, Autoencoder):
         ae_optimizer, disc_optimizer = model.configure_optimizers()
@@ -42,10 +47,14 @@ def test_experiment_composes_and_instantiates(experiment, compose_train, tmp_pat
     else:
         assert isinstance(model, DiffusionModel)
         assert model.sampler == {**cfg.sampler} and model.sampler["name"] == cfg.sampler.name
+        if cfg.get("teacher"):
+            assert cfg.trainer.max_steps == model.num_rounds * cfg.model.steps_per_round
+            assert model.sampler_spec()["steps"] == cfg.model.start_steps // 2
         optimizers = model.configure_optimizers()
         assert isinstance(optimizers["optimizer"], torch.optim.Optimizer)
         assert optimizers["optimizer"].defaults["lr"] == cfg.model.optimizer.lr
-    image_channels = model.first_stage.image_shape[0] if cfg.get("first_stage") else cfg.model.net.in_channels
+    image_channels = (model.first_stage.image_shape[0] if cfg.get("first_stage") else model.teacher.image_shape[0]
+                      if cfg.get("teacher") else cfg.model.net.in_channels)  # fmt: skip
     assert model.image_shape == (image_channels, cfg.data.image_size, cfg.data.image_size)
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, ImageDataModule) and datamodule.image_size == cfg.data.image_size

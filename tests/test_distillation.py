@@ -21,9 +21,9 @@ from diffusion_lightning.diffusion.distillation import (
     ddim_step,
     distillation_loss,
     distillation_target,
-    loss_weight,
     step_levels,
 )
+from diffusion_lightning.diffusion.losses import loss_weight
 from diffusion_lightning.diffusion.schedules import DiscreteTime, cosine_beta_schedule
 
 MU, S, D = 0.3, 0.7, 6
@@ -93,8 +93,9 @@ def test_step_levels_and_weights():
     s = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
     torch.testing.assert_close(loss_weight(s), torch.tensor([100.0, 1.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(loss_weight(s, "snr+1"), torch.tensor([101.0, 2.0, 1.01], dtype=torch.float64))
+    torch.testing.assert_close(loss_weight(s, "snr"), torch.tensor([100.0, 1.0, 0.01], dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown weighting"):
-        loss_weight(s, "snr")
+        loss_weight(s, "snr_trunc")
 
 
 def test_discrete_time_sits_on_the_levels():

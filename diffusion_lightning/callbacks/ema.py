@@ -46,12 +46,31 @@ class EMA(WeightAveraging):
         self._num_averaged = int(average.n_averaged)
         # buffers are not averaged (use_buffers=False) but follow the model: one set before training starts (latent
         # diffusion's scale factor, in on_fit_start) would otherwise stay at its value when the copy was made
-        with torch.no_grad():
-            for mine, theirs in zip(average.module.buffers(), pl_module.buffers(), strict=True):
-                mine.copy_(theirs)
+        self._sync_frozen(pl_module)
         # trainable parameters only: a frozen part (latent diffusion's first stage) stays equal to its average
         pairs = [(e, p) for e, p in zip(average.parameters(), pl_module.parameters(), strict=True) if p.requires_grad]
         self._params = [e for e, _ in pairs], [p for _, p in pairs]
+
+    @torch.no_grad()
+    def _sync_frozen(self, pl_module: L.LightningModule) -> None:
+        """Buffers and frozen parameters follow the model (they are not averaged): a model may change them in training
+        (progressive distillation's teacher and round), and the copy is what validation and checkpoints hold."""
+        if self._average_model is None:
+            return
+        for mine, theirs in zip(self._average_model.module.buffers(), pl_module.buffers(), strict=True):
+            mine.copy_(theirs)
+        for mine, theirs in zip(self._average_model.module.parameters(), pl_module.parameters(), strict=True):
+            if not theirs.requires_grad:
+                mine.copy_(theirs)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._sync_frozen(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._sync_frozen(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step_idx = trainer.global_step - 1  # as WeightAveraging: zero-based index of the optimizer step just taken

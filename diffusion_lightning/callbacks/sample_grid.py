@@ -14,13 +14,14 @@ from .ema import ema_module
 
 
 class ImageGrid(L.Callback):
-    """Every ``every_n_epochs`` epochs and at the end of training, write ``<dirpath>/epoch_XXXX.png`` (the last:
-    ``final.png``) of :meth:`images` and log it to TensorBoard under ``tag``. Subclasses say what the grid shows."""
+    """Every ``every_n_epochs`` epochs (``<dirpath>/epoch_XXXX.png``), every ``every_n_train_steps`` optimizer steps
+    (``step_XXXXXXXX.png``) and at the end of training (``final.png``) write a grid of :meth:`images` and log it to
+    TensorBoard under ``tag``. Subclasses say what the grid shows."""
 
     tag = "images"
 
-    def __init__(self, dirpath: str = "grids", every_n_epochs: int = 1) -> None:
-        self.dirpath, self.every_n_epochs = Path(dirpath), every_n_epochs
+    def __init__(self, dirpath: str = "grids", every_n_epochs: int = 1, every_n_train_steps: int = 0) -> None:
+        self.dirpath, self.every_n_epochs, self.every_n_train_steps = Path(dirpath), every_n_epochs, every_n_train_steps
         self.last_path: Path | None = None
 
     def images(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, int]:
@@ -45,6 +46,12 @@ class ImageGrid(L.Callback):
             self._draw(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}")
 
     @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step, n = trainer.global_step, self.every_n_train_steps
+        if n > 0 and step % n == 0 and not 0 < trainer.max_steps <= step:
+            self._draw(trainer, pl_module, f"step_{step:08d}")
+
+    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._draw(trainer, pl_module, "final")
 
@@ -56,8 +63,11 @@ class SampleGrid(ImageGrid):
 
     tag = "samples"
 
-    def __init__(self, dirpath: str = "grids", every_n_epochs: int = 1, num_samples: int = 64, seed: int = 0) -> None:
-        super().__init__(dirpath, every_n_epochs)
+    def __init__(
+        self, dirpath: str = "grids", every_n_epochs: int = 1, num_samples: int = 64, seed: int = 0,
+        every_n_train_steps: int = 0,
+    ) -> None:
+        super().__init__(dirpath, every_n_epochs, every_n_train_steps)
         self.num_samples, self.seed = num_samples, seed
 
     def images(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, int]:

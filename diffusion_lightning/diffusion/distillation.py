@@ -14,15 +14,13 @@ the midpoint, as in the reference code.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from .denoisers import Denoiser, append_dims
-from .losses import mean_flat
-
-Weighting = Literal["truncated_snr", "snr+1"]
+from .losses import Weighting, loss_weight, mean_flat
 
 
 class Time(Protocol):
@@ -56,17 +54,6 @@ def distillation_target(
     x_next = ddim_step(teacher, ddim_step(teacher, x, sigma, sigma_mid, y), sigma_mid, sigma_next, y)
     r = append_dims(sigma_next / sigma, x.ndim)
     return (x_next - r * x) / (1 - r)
-
-
-def loss_weight(sigma: Tensor, weighting: Weighting = "truncated_snr") -> Tensor:
-    """The weight of ||x0_hat - x~||^2 at noise level sigma, with SNR = alpha^2 / sigma_vp^2 = 1 / sigma^2: the paper's
-    "truncated SNR" max(SNR, 1) (= max(x-MSE, eps-MSE)), or SNR + 1 (= the v-MSE)."""
-    snr = sigma.reciprocal().square()
-    if weighting == "truncated_snr":
-        return snr.clamp(min=1.0)
-    if weighting == "snr+1":
-        return snr + 1.0
-    raise ValueError(f"unknown weighting {weighting!r}: use truncated_snr or snr+1")
 
 
 def distillation_loss(

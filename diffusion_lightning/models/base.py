@@ -98,6 +98,13 @@ class RunModule(L.LightningModule):
             checkpoint["run_config"] = self.run_config
         checkpoint["format"] = CHECKPOINT_FORMAT
         checkpoint["rng_states"] = _rng_states()
+        if rebuild := self.rebuild_kwargs():
+            checkpoint["rebuild_kwargs"] = rebuild
+
+    def rebuild_kwargs(self) -> dict[str, Any]:
+        """Arguments that replace the run config's when a checkpoint rebuilds this module: what points at other files
+        (a first stage, a teacher) is replaced by their stored configs, the weights then come from the state dict."""
+        return {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Restoring the RNG makes a resumed run draw the same data order, t and noise as an
@@ -172,6 +179,10 @@ class DiffusionModel(RunModule):
     def denoiser(self) -> Denoiser:
         """The network through the denoiser contract: D(x, sigma, y) -> x0_hat."""
         raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] in the space the model diffuses in (the identity for a pixel model)."""
+        return x
 
     def decode(self, x: Tensor) -> Tensor:
         """The sampler's output as images in [-1, 1] (the identity for a pixel model)."""

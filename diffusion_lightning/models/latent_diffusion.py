@@ -167,8 +167,6 @@ class LatentDiffusion(DDPM):
         log.info(f"latent scale factor s = 1 / std(z) = {s:.5g} over {len(order)} training images per rank")
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+    def rebuild_kwargs(self) -> dict[str, Any]:
         # rebuild from the stored config, not the stage-1 file (which may be gone); weights come from state_dict
-        config = json.dumps(self.first_stage_config)
-        checkpoint["rebuild_kwargs"] = {"first_stage_ckpt": None, "first_stage_config": config}
+        return {"first_stage_ckpt": None, "first_stage_config": json.dumps(self.first_stage_config)}

@@ -1,0 +1,241 @@
+"""Progressive distillation (Salimans & Ho 2022, Alg. 2): halve the sampling steps of a frozen teacher round by
+round; each round's student becomes the next round's teacher."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from hydra.utils import instantiate
+from torch import Tensor, nn
+
+from diffusion_lightning.diffusion import ContinuousVPDenoiser, Denoiser, DiscreteVPDenoiser
+from diffusion_lightning.diffusion.distillation import distillation_loss
+from diffusion_lightning.diffusion.losses import Weighting, loss_weight
+from diffusion_lightning.errors import UserError
+
+from .base import DiffusionModel, OptimizerFactory, SchedulerFactory
+
+log = logging.getLogger(__name__)
+
+
+def linear_decay_per_round(optimizer: torch.optim.Optimizer, steps_per_round: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate decayed linearly from lr to 0 within every round of ``steps_per_round`` optimizer steps, with
+    no warm-up (the paper's ``learning_rate_anneal_type='linear'``)."""
+    k = int(steps_per_round)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - (step % k) / k)
+
+
+def distillation_steps(start_steps: int, end_steps: int, steps_per_round: int) -> int:
+    """Optimizer steps of all rounds start_steps -> start_steps / 2 -> ... -> end_steps (``trainer.max_steps``)."""
+    return _num_rounds(int(start_steps), int(end_steps)) * int(steps_per_round)
+
+
+def _num_rounds(start_steps: int, end_steps: int) -> int:
+    ratio = start_steps // max(end_steps, 1)
+    if end_steps < 1 or start_steps <= end_steps or ratio * end_steps != start_steps or ratio & (ratio - 1):
+        raise UserError(f"start_steps / end_steps must be a power of two >= 2, got {start_steps} and {end_steps}")
+    return int(math.log2(ratio))
+
+
+def load_teacher(path: str | Path) -> tuple[DiffusionModel, dict[str, Any]]:
+    """The frozen teacher (its EMA weights) of a framework checkpoint, with the config that rebuilds it."""
+    from diffusion_lightning.checkpoint import model_from_checkpoint
+
+    teacher = model_from_checkpoint(path, ema=True)
+    config = {"model": teacher.run_config["model"], "rebuild_kwargs": teacher.rebuild_kwargs()}
+    return teacher, config
+
+
+class ProgressiveDistillation(DiffusionModel):
+    """A student distilled from a frozen teacher (any VP model of the framework, through the denoiser contract), its
+    sampling steps halved every ``steps_per_round`` optimizer steps from ``start_steps`` (the teacher's) to
+    ``end_steps``.
+
+    The student's grid is t = i / N of the teacher's continuous time (a cosine model's t, or t = (k + 1) / T at the
+    levels of a discrete one, :class:`~diffusion_lightning.diffusion.schedules.DiscreteTime`); it starts as a copy of
+    the teacher's network (fed the same noise conditioning, with ``dropout``) and predicts x0 or v. Each step: i ~
+    U{1..N}, two teacher DDIM steps give the target x~, and the loss is w(sigma) ||x0_hat - x~||^2
+    (:func:`~diffusion_lightning.diffusion.distillation.distillation_loss`). At a round's end the student is copied
+    into the teacher's place, the optimiser's moments are reset and the learning rate restarts
+    (:func:`linear_decay_per_round`). The round, and the student's step count that sampling uses, are buffers of the
+    checkpoint, so a run killed mid-round resumes mid-round and a checkpoint samples with its own step count.
+
+    Args:
+        teacher_ckpt: the teacher's checkpoint (its EMA weights are used).
+        teacher_config: instead, the teacher's config as JSON (``{"model": ..., "rebuild_kwargs": ...}``): how a
+            distilled checkpoint rebuilds itself; the weights come from its state dict.
+        start_steps, end_steps: the teacher's step count and the last student's (their ratio a power of two).
+        steps_per_round: optimizer steps per halving (the paper: 50k on CIFAR-10).
+        prediction_type: what the student predicts, ``x0`` (the paper's CIFAR-10 setting) or ``v``.
+        weighting: ``truncated_snr`` max(SNR, 1) (the paper) or ``snr+1``.
+        dropout: the student's dropout probability (the paper: 0).
+        sampler, optimizer, lr_scheduler, channels_last, compile: see :class:`~.base.DiffusionModel`; a sampler
+            with ``steps: null`` samples with the student's own step count.
+    """
+
+    def __init__(
+        self,
+        teacher_ckpt: str | None = None,
+        teacher_config: str | None = None,
+        start_steps: int = 256,
+        end_steps: int = 1,
+        steps_per_round: int = 50000,
+        prediction_type: Literal["x0", "v"] = "x0",
+        weighting: Weighting = "truncated_snr",
+        dropout: float = 0.0,
+        sampler: Mapping[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        channels_last: bool | None = None,
+        compile: bool | None = None,
+    ) -> None:
+        if teacher_ckpt:
+            teacher, config = load_teacher(teacher_ckpt)
+        elif teacher_config:
+            config = json.loads(teacher_config)
+            teacher = instantiate(config["model"], _convert_="all", **config.get("rebuild_kwargs", {}))
+        else:
+            raise UserError("progressive distillation needs its teacher: set model.teacher_ckpt=<run>/checkpoints/"
+                            "last.ckpt, or leave it null in a pd_* experiment to train or reuse one")
+        if prediction_type not in ("x0", "v"):
+            raise UserError(f"the student predicts x0 or v (Salimans & Ho 2022, Sec. 4), got {prediction_type!r}")
+        loss_weight(torch.ones(1), weighting)
+        student = copy.deepcopy(teacher.net).requires_grad_(True)
+        for m in student.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = dropout
+        sampler = {"steps": None, **(sampler or {})}  # steps None: the student's own
+        super().__init__(student, sampler, optimizer, lr_scheduler, channels_last, compile,
+                         class_dropout=getattr(teacher, "class_dropout", 0.0))  # fmt: skip
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.teacher: DiffusionModel = teacher.eval().requires_grad_(False)
+        self.teacher_config = config
+        self.teacher_net = copy.deepcopy(student).eval().requires_grad_(False)  # the teacher from round 1 on
+        den = teacher.denoiser()
+        if isinstance(den, DiscreteVPDenoiser):
+            self.time, self.time_input = den.time, "timestep"
+            if 2 * start_steps > den.diffusion.num_timesteps:
+                raise UserError(
+                    f"a teacher with T={den.diffusion.num_timesteps} discrete levels has no distinct levels for the "
+                    f"{2 * start_steps} half steps of start_steps={start_steps}: set model.start_steps <= "
+                    f"{den.diffusion.num_timesteps // 2}, or distil a continuous-time teacher (vdiff_*)"
+                )
+        elif isinstance(den, ContinuousVPDenoiser):
+            self.time, self.time_input = den.time, den.time_input
+        else:
+            raise UserError(f"{type(teacher).__name__} is no variance-preserving model: progressive distillation takes "
+                            "DDPM, improved DDPM, latent diffusion, continuous-time (vdiff_*) or distilled teachers")
+        self.start_steps, self.end_steps = int(start_steps), int(end_steps)
+        self.steps_per_round, self.num_rounds = int(steps_per_round), _num_rounds(self.start_steps, self.end_steps)
+        self.prediction_type, self.weighting = prediction_type, weighting
+        self.register_buffer("round_index", torch.tensor(0))
+        self.register_buffer("student_steps", torch.tensor(self.start_steps // 2))
+        self._round = 0  # host copy of round_index (set when training starts)
+
+    # ------------------------------------------------------------------ what callers ask
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.teacher.image_shape
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.teacher.sample_shape
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.teacher.num_classes
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.teacher.encode(x)
+
+    def decode(self, x: Tensor) -> Tensor:
+        return self.teacher.decode(x)
+
+    def _vp_denoiser(self, net: nn.Module) -> ContinuousVPDenoiser:
+        channels = self.sample_shape[0]  # a learned-variance network's second half is not used
+
+        def fn(z: Tensor, c_noise: Tensor, y: Tensor | None) -> Tensor:
+            y = y if self.num_classes else None
+            out = self.network(z, c_noise, y) if net is self.net else net(z, c_noise, y)
+            return out[:, :channels]
+
+        return ContinuousVPDenoiser(fn, self.time, self.prediction_type, self.time_input)
+
+    def denoiser(self) -> ContinuousVPDenoiser:
+        """The student, on the teacher's noise levels and continuous time."""
+        return self._vp_denoiser(self.net)
+
+    def teacher_denoiser(self) -> Denoiser:
+        """This round's teacher: the loaded model in round 0, the previous round's student after."""
+        return self.teacher.denoiser() if self._round == 0 else self._vp_denoiser(self.teacher_net)
+
+    def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+        """The teacher's constraints on the settings (e.g. no clipping of latents), and ``steps: null`` = the
+        student's own step count."""
+        spec = self.teacher.sampler_spec(self.sampler if sampler is None else sampler, **overrides)
+        if spec.get("variance_type") == "learned_range":  # a learned-variance teacher's; the student has none
+            spec["variance_type"] = "fixed_small"
+        if spec.get("steps") is None:
+            spec["steps"] = int(self.student_steps)
+        return spec
+
+    def train(self, mode: bool = True) -> ProgressiveDistillation:
+        super().train(mode)
+        self.teacher.eval()
+        self.teacher_net.eval()
+        return self
+
+    def rebuild_kwargs(self) -> dict[str, Any]:
+        return {"teacher_ckpt": None, "teacher_config": json.dumps(self.teacher_config)}
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        self._round = int(self.round_index)  # after a checkpoint has restored it
+        total = distillation_steps(self.start_steps, self.end_steps, self.steps_per_round)
+        if not 0 < self.trainer.max_steps <= total:
+            raise UserError(f"{self.num_rounds} rounds of {self.steps_per_round} steps need trainer.max_steps={total} "
+                            f"(got {self.trainer.max_steps}; fewer stop in an earlier round)")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if (r := self.global_step // self.steps_per_round) > self._round and r < self.num_rounds:
+            self.next_round(r)
+
+    def next_round(self, r: int) -> None:
+        """The student of round r - 1 becomes the teacher; the optimiser's moments start afresh."""
+        self.teacher_net.load_state_dict(self.net.state_dict())
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
+        self._round = r
+        self.round_index.fill_(r)
+        self.student_steps.fill_(self.start_steps >> (r + 1))
+        log.info(f"progressive distillation round {r + 1}/{self.num_rounds}: {self.start_steps >> r} teacher steps -> "
+                 f"{self.start_steps >> (r + 1)} student steps")
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        train = stage == "train"
+        y = self.drop_labels(y) if train else y
+        n = self.start_steps >> (self._round + 1)
+        terms = distillation_loss(self.denoiser(), self.teacher_denoiser(), self.encode(x), self.time, n,
+                                  y if self.num_classes else None, self.weighting)  # fmt: skip
+        loss = terms["loss"].mean()
+        if train:
+            self.watch_finite(loss)
+            self.log("student_steps", float(n), batch_size=1)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(x), sync_dist=not train)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(batch_idx)
+            self._shared_step(batch, "val")
