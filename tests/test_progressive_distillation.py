@@ -76,8 +76,16 @@ def test_pd_trains_its_teacher_then_every_round_and_each_checkpoint_samples_with
         images, nfe = model.sample(3, generator=torch.Generator().manual_seed(0), return_nfe=True)
         assert nfe == steps and images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
 
-    # a rerun reuses the finished teacher
+    # the sampling entry with no sampler arguments: the checkpoint's own step count
+    from diffusion_lightning.sample import sample_from_config
+
     capsys.readouterr()
+    sample_cfg = compose_train([f"ckpt={run / 'checkpoints' / names[0]}", "num_samples=4",
+                                f"out={tmp_path / 'grid.png'}"], config_name="sample")  # fmt: skip
+    sample_from_config(sample_cfg)
+    assert "(ddim, steps=4, 4 NFE)" in capsys.readouterr().out
+
+    # a rerun reuses the finished teacher
     train(_compose_pd(compose_train, image_folder, tmp_path))
     assert "vdiff_fmnist" in capsys.readouterr().out
 
