@@ -6,7 +6,7 @@
 #   3. grids: teacher at 256 and 4 steps (DDIM, DPM-Solver++), students at 4 and 1 steps; the table.
 # Cheap rows run first, so an interrupted run still has the students and the few-step teacher rows.
 # Environment: PD=<pd_fmnist run folder> (evaluate it, no training)  NUM_SAMPLES=2000  PYTHON=.venv/bin/python
-#   OUT=outputs/pd_eval
+#   OUT=outputs/pd_eval  PRECISION=bf16 (the network in sampling; one float32 row measures what it changes)
 set -euo pipefail
 py=${PYTHON:-.venv/bin/python}
 out=${OUT:-outputs/pd_eval}
@@ -24,12 +24,16 @@ echo "pd run: $pd"; echo "teacher: $teacher"
 ckpt() { ls "$pd"/checkpoints/step_*-"$1"steps.ckpt; }
 students=$(ls "$pd"/checkpoints/step_*steps.ckpt | paste -sd, -)
 fid=(metric=fid extractor=fmnist-classifier "num_samples=$n" "results=$out/results.jsonl")
-ev() { $py -m diffusion_lightning.evaluate -m "${fid[@]}" "$@" 2>&1 | grep -E "\"fid\"|Error|error" || true; }
+ev() {  # ev ARGS...: one evaluate sweep, in precision P (default PRECISION)
+  $py -m diffusion_lightning.evaluate -m "${fid[@]}" "precision=${P:-${PRECISION:-bf16}}" "$@" 2>&1 \
+    | grep -E "\"fid\"|Error|error" || true
+}
 
 ev "ckpt=$students" seed=0                                              # every round's student, own steps
 ev "ckpt=$(ckpt 4),$(ckpt 1)" seed=1,2
 ev "ckpt=$teacher" sampler=ddim,dpmpp sampler.steps=1,2,4,8,16 seed=0
 ev "ckpt=$teacher" sampler=ddim,dpmpp sampler.steps=4,1 seed=1,2
+P=32 ev "ckpt=$teacher" sampler=ddim sampler.steps=16 seed=0                     # what bf16 sampling changes
 ev "ckpt=$teacher" sampler=ddim,dpmpp sampler.steps=64,256 seed=0
 
 for s in 4 1; do $py -m diffusion_lightning.sample "ckpt=$(ckpt $s)" num_samples=64 "out=$out/student_${s}steps.png"; done

@@ -106,6 +106,27 @@ def test_fid_line(compose_train, checkpoint, ref_dir, tmp_path):
     assert len(records) == 2 and records[1]["ema"] is False and records[1]["fid"] != record["fid"]
 
 
+def test_bf16_sampling_is_recorded_and_close_to_float32(compose_train, checkpoint, ref_dir, tmp_path):
+    """``precision=bf16`` runs the network under bfloat16 autocast (the sampler's state stays float32): the samples
+    from the same noise stay within bfloat16's resolution of the float32 ones, and the record says which it was."""
+    from diffusion_lightning.errors import UserError
+    from diffusion_lightning.utils import generate
+
+    model = model_from_checkpoint(checkpoint)
+    draws = [generate(model, 8, 8, torch.Generator().manual_seed(0), {"name": "ddim", "steps": 3},
+                      precision=p)[0] for p in ("32", "bf16")]  # fmt: skip
+    assert draws[0].dtype == draws[1].dtype == torch.float32
+    diff = (draws[0] - draws[1]).abs()
+    assert 0 < diff.max() < 0.1 and diff.mean() < 0.01
+    with pytest.raises(UserError, match="use 32 or bf16"):
+        generate(model, 2, 2, torch.Generator(), precision="fp8")
+    results = tmp_path / "results.jsonl"
+    evaluate_mod.evaluate(compose_train([f"ckpt={checkpoint}", *FID_ARGS, f"results={results}", "precision=bf16"],
+                                        "evaluate"))  # fmt: skip
+    (record,) = load_results(results)
+    assert record["precision"] == "bf16" and record["sampling_ms_per_image"] > 0
+
+
 def test_bad_sampler_settings_fail_before_any_work(compose_train, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate_mod, "load_or_compute_reference_stats", None)  # must not be reached
     cfg = compose_train([f"ckpt={checkpoint}", *FID_ARGS, "+sampler.variance_type=fixed_large"], "evaluate")

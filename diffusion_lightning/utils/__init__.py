@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -34,6 +35,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def sampling_autocast(device: torch.device, precision: str | int = "32") -> contextlib.AbstractContextManager:
+    """The network evaluations of sampling in ``precision``: ``32`` (float32, the default) or ``bf16`` (bfloat16
+    autocast: convolutions and matmuls in bfloat16, the sampler's state and arithmetic stay float32; ~2.3x the float32
+    sampling throughput on a CPU with native bfloat16, as training's ``bf16-mixed``)."""
+    if str(precision) in ("32", "32-true"):
+        return contextlib.nullcontext()
+    if str(precision) in ("bf16", "bf16-mixed"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise UserError(f"unknown sampling precision {precision!r}: use 32 or bf16")
+
+
 def generate(
     model: Any,
     num_samples: int,
@@ -45,12 +57,13 @@ def generate(
     guidance: float | None = None,
     return_labels: bool = False,
     labels: Tensor | None = None,
+    precision: str | int = "32",
 ) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor | None]:
     """``num_samples`` images from ``model.sample`` in batches drawn from one generator, on the CPU: floats in
     [-1, 1], or with ``uint8`` quantised as saved PNGs are (:func:`~diffusion_lightning.images.to_uint8`). Returns
     them with the counted network evaluations per sample (and with ``return_labels`` the class labels drawn for a
     class-conditional model, else None). ``sampler`` and ``guidance`` None: the model's own; ``labels`` (num_samples,)
-    the classes to draw (None: uniformly random ones)."""
+    the classes to draw (None: uniformly random ones); ``precision`` of the network (:func:`sampling_autocast`)."""
     chunks, drawn, nfe = [], [], 0
     starts = range(0, num_samples, batch_size)
     for start in track(starts, description="sampling", transient=True) if show_progress else starts:
@@ -59,7 +72,9 @@ def generate(
         if model.num_classes:
             y = labels[start : start + n] if labels is not None else torch.randint(0, model.num_classes, (n,),
                                                                                     generator=generator)
-        images, nfe = model.sample(n, y=y, generator=generator, sampler=sampler, guidance=guidance, return_nfe=True)
+        with sampling_autocast(model.device, precision):
+            images, nfe = model.sample(n, y=y, generator=generator, sampler=sampler, guidance=guidance,
+                                       return_nfe=True)  # fmt: skip
         images = images.float().cpu()
         chunks.append(to_uint8(images) if uint8 else images)
         drawn.append(y)
