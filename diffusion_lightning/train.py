@@ -72,7 +72,7 @@ def find_finished_run(log_dir: str | Path, experiment: str, data: DictConfig) ->
     return None
 
 
-def first_stage_config(cfg: DictConfig, key: str = "first_stage") -> DictConfig:
+def prior_run_config(cfg: DictConfig, key: str = "first_stage") -> DictConfig:
     """The config of the run named by ``cfg[key]`` (``first_stage``, ``teacher``): its experiment with this run's
     data root, paths, seed, accelerator and devices (and under DDP a strategy that allows parameters without
     gradients), then ``cfg[key].overrides``; its run folder is ``<log_dir>/train/<experiment>/<time>``."""
@@ -94,7 +94,7 @@ def first_stage_config(cfg: DictConfig, key: str = "first_stage") -> DictConfig:
         return compose("train", overrides=overrides)
 
 
-def ensure_first_stage(cfg: DictConfig, key: str = "first_stage") -> str:
+def ensure_prior_run(cfg: DictConfig, key: str = "first_stage") -> str:
     """The checkpoint of the run a two-stage run builds on (``key``: ``first_stage`` or ``teacher``): the newest
     finished run of ``cfg[key].experiment`` on the same data, else one trained now."""
     experiment, what = cfg[key].experiment, key.replace("_", " ")
@@ -105,12 +105,12 @@ def ensure_first_stage(cfg: DictConfig, key: str = "first_stage") -> str:
     if not cfg[key].get("train", True):
         raise UserError(f"no finished {experiment} run on this data under {cfg.paths.log_dir}/train: train one first "
                         f"(make train EXP={experiment}) or set model.{STAGES[key]}=<its checkpoints/last.ckpt>")
-    stage1 = first_stage_config(cfg, key)
-    out = Path(stage1.paths.output_dir)
+    prior = prior_run_config(cfg, key)
+    out = Path(prior.paths.output_dir)
     print(f"{what}: no finished {experiment} run on this data under {cfg.paths.log_dir}/train: training it in {out}")
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(stage1, out / ".hydra" / "config.yaml", resolve=False)
-    train(stage1)
+    OmegaConf.save(prior, out / ".hydra" / "config.yaml", resolve=False)
+    train(prior)
     if not (out / FINISHED).is_file():
         raise RuntimeError(f"the {what} in {out} finished without a last checkpoint")
     found = json.loads((out / FINISHED).read_text())["checkpoint"]
@@ -123,14 +123,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     before, testing after where ``cfg.test``)."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    if missing := [f"model.{k}" for k in cfg.model if OmegaConf.is_missing(cfg.model, k)]:
-        hint = f" (the {cfg.teacher.experiment} run's checkpoints/last.ckpt)" if cfg.get("teacher") else ""
-        raise UserError(f"set {', '.join(missing)}=...{hint}: this experiment has no default for it")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # fails here, before any model is built, when the data is missing
     for key, model_key in STAGES.items():
         if cfg.get(key) and model_key in cfg.model and not cfg.model[model_key]:  # null: train or reuse one
-            checkpoint = ensure_first_stage(cfg, key)
+            checkpoint = ensure_prior_run(cfg, key)
             with open_dict(cfg):
                 cfg.model[model_key] = checkpoint
             if cfg.get("seed") is not None:

@@ -208,16 +208,16 @@ def test_latent_sampling_never_clips_latents_to_the_image_range(tmp_path):
 def test_stage_one_inherits_data_paths_devices_and_a_ddp_strategy_that_allows_an_idle_discriminator(
     compose_train, tmp_path
 ):
-    from diffusion_lightning.train import first_stage_config
+    from diffusion_lightning.train import prior_run_config
 
     cfg = compose_train(["experiment=ldm_cifar", "trainer=ddp", "trainer.devices=2", "seed=7",
                          f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'outputs'}"])
     with open_dict(cfg):
         cfg.first_stage.overrides = ["model.disc_start=10"]
-    stage1 = first_stage_config(cfg)
+    stage1 = prior_run_config(cfg)
     assert stage1.model._target_.endswith(".Autoencoder") and stage1.model.disc_start == 10
     assert stage1.data.root == str(tmp_path / "data") and stage1.seed == 7 and stage1.trainer.devices == 2
     assert stage1.trainer.strategy == "ddp_find_unused_parameters_true"
     assert Path(stage1.paths.output_dir).parent == tmp_path / "outputs" / "train" / "ae_cifar"
     single = compose_train(["experiment=ldm_cifar", f"paths.log_dir={tmp_path / 'outputs'}"])
-    assert "strategy" not in first_stage_config(single).trainer
+    assert "strategy" not in prior_run_config(single).trainer
