@@ -99,7 +99,7 @@ def evaluate_fid(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
         start = time.perf_counter()
         images, nfe, labels = generate(
             model, cfg.num_samples, cfg.batch_size, generator, sampler_of(cfg), show_progress=True,
-            guidance=cfg.get("guidance"), return_labels=True, precision=cfg.get("precision", 32),
+            guidance=cfg.get("guidance"), return_labels=True, precision=cfg.precision,
         )
         sampling_s = time.perf_counter() - start
     else:  # real images of a split: the baseline row of a table
@@ -159,7 +159,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         spec = model.sampler_spec(sampler_of(cfg))
         record |= {
             "sampler": spec.pop("name"), "steps": spec.pop("steps", None), "sampler_options": spec,
-            "guidance": cfg.guidance, "num_samples": cfg.num_samples, "precision": str(cfg.get("precision", 32)),
+            "guidance": cfg.guidance, "num_samples": cfg.num_samples, "precision": str(cfg.precision),
         }
     record |= metrics
     record["wall_s"] = round(time.perf_counter() - start, 2)

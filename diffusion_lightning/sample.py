@@ -25,7 +25,7 @@ def sample_from_config(cfg: DictConfig) -> Path:
         labels = torch.arange(cfg.num_samples) // nrow % model.num_classes
     images, nfe = generate(
         model, cfg.num_samples, cfg.batch_size, generator, sampler, show_progress=True, guidance=cfg.get("guidance"),
-        labels=labels, precision=cfg.get("precision", 32),
+        labels=labels, precision=cfg.precision,
     )
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "samples.png"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,17 +64,13 @@ def distillation_loss(
     n: int,
     y: Tensor | None = None,
     weighting: Weighting = "truncated_snr",
-    generator: torch.Generator | None = None,
-) -> dict[str, Tensor]:
+) -> Tensor:
     """Per-sample loss of Alg. 2 for a student on the ``n``-step grid: i ~ U{1..n}, x = x0 + sigma eps, target x~ of
-    two teacher steps, loss = w(sigma) ||D_student(x, sigma) - x~||^2 (mean over elements). Returns ``loss``, ``i``."""
-    b = x0.shape[0]
-    i = torch.randint(1, n + 1, (b,), device=x0.device, generator=generator)
+    two teacher steps, w(sigma) ||D_student(x, sigma) - x~||^2 (mean over elements)."""
+    i = torch.randint(1, n + 1, (x0.shape[0],), device=x0.device)
     sigma, sigma_mid, sigma_next = step_levels(time, i, n)
-    eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    x = x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * eps
+    x = x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0)
     s, s_mid, s_next = (v.to(x0.dtype) for v in (sigma, sigma_mid, sigma_next))
     target = distillation_target(teacher, x, s, s_mid, s_next, y)
     x0_hat = student(x, s, y)
-    loss = loss_weight(sigma, weighting).to(torch.float32) * mean_flat((x0_hat.float() - target.float()) ** 2)
-    return {"loss": loss, "i": i}
+    return loss_weight(sigma, weighting).float() * mean_flat((x0_hat.float() - target.float()) ** 2)

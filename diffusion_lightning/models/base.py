@@ -273,6 +273,27 @@ class DiffusionModel(RunModule):
         return (images, out.nfe) if return_nfe else images
 
     # ------------------------------------------------------------------ training
+    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        """The recipe's mean loss on a batch of (images, labels) in ``stage`` (``train`` or ``val``), logged."""
+        raise NotImplementedError
+
+    def log_loss(self, loss: Tensor, stage: str, batch_size: int) -> None:
+        """``<stage>/loss``: per step in training (through the NaN/Inf watch), the mean over ranks in validation."""
+        train = stage == "train"
+        if train:
+            self.watch_finite(loss)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=not train)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # The same t and noise for a batch at every validation (a smoother curve), drawn outside training's
+        # random stream, so validating does not change what training draws next (exact resume).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(batch_idx)
+            self.shared_step(batch, "val")
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ from diffusion_lightning.diffusion.denoisers import append_dims
 from diffusion_lightning.diffusion.gaussian import PredictionType
 from diffusion_lightning.diffusion.losses import Weighting, loss_weight, mean_flat
 
-from .base import DiffusionModel, OptimizerFactory, SchedulerFactory
+from .base import DiffusionModel
 
 
 class ContinuousDiffusion(DiffusionModel):
@@ -31,8 +30,7 @@ class ContinuousDiffusion(DiffusionModel):
         logsnr_min, logsnr_max: the schedule's truncation (:class:`~diffusion_lightning.diffusion.CosineSchedule`).
         prediction_type: ``v`` (default), ``x0`` or ``eps``.
         weighting: ``snr+1`` (default), ``truncated_snr``, ``snr`` or ``constant`` (:func:`~.losses.loss_weight`).
-        sampler, optimizer, lr_scheduler, channels_last, compile, class_dropout, guidance: see
-            :class:`~.base.DiffusionModel`.
+        **kwargs: the :class:`~.base.DiffusionModel` arguments (sampler, optimiser, speed options, guidance).
     """
 
     def __init__(
@@ -42,15 +40,9 @@ class ContinuousDiffusion(DiffusionModel):
         logsnr_max: float = 20.0,
         prediction_type: PredictionType = "v",
         weighting: Weighting = "snr+1",
-        sampler: Mapping[str, Any] | None = None,
-        optimizer: OptimizerFactory | None = None,
-        lr_scheduler: SchedulerFactory | None = None,
-        channels_last: bool | None = None,
-        compile: bool | None = None,
-        class_dropout: float = 0.0,
-        guidance: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(net, sampler, optimizer, lr_scheduler, channels_last, compile, class_dropout, guidance)
+        super().__init__(net, **kwargs)
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.schedule = CosineSchedule(logsnr_min, logsnr_max)
         self.prediction_type, self.weighting = prediction_type, weighting
@@ -64,28 +56,15 @@ class ContinuousDiffusion(DiffusionModel):
     def denoiser(self) -> ContinuousVPDenoiser:
         return ContinuousVPDenoiser(self, self.schedule, self.prediction_type, "t")
 
-    def loss_terms(self, x0: Tensor, y: Tensor | None) -> dict[str, Tensor]:
-        t = torch.rand(x0.shape[0], device=x0.device, dtype=torch.float64)
-        sigma = self.schedule.sigma(t)
+    def loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
+        """Per-sample w(sigma) ||x0_hat - x0||^2 at t ~ U[0, 1], x = x0 + sigma(t) eps."""
+        sigma = self.schedule.sigma(torch.rand(x0.shape[0], device=x0.device, dtype=torch.float64))
         x = x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0)
         x0_hat = self.denoiser()(x, sigma.to(x0.dtype), y)
-        loss = loss_weight(sigma, self.weighting).float() * mean_flat((x0_hat.float() - x0.float()) ** 2)
-        return {"loss": loss, "t": t}
+        return loss_weight(sigma, self.weighting).float() * mean_flat((x0_hat.float() - x0.float()) ** 2)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x0, y = batch
-        train = stage == "train"
-        loss = self.loss_terms(x0, self.drop_labels(y) if train else y)["loss"].mean()
-        if train:
-            self.watch_finite(loss)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(x0), sync_dist=not train)
+        loss = self.loss(x0, self.drop_labels(y) if stage == "train" else y).mean()
+        self.log_loss(loss, stage, len(x0))
         return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        # fixed t and noise per batch, outside training's random stream (as DDPM)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(batch_idx)
-            self._shared_step(batch, "val")

@@ -98,30 +98,22 @@ class DDPM(DiffusionModel):
         terms = {"loss": l_simple(out.float(), target), "t": t}
         return terms if weights is None else {**terms, "weights": weights}
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss_and_terms(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mean (weighted) loss, logged with the recipe's other terms and the per-quarter losses, and the terms."""
         x0, y = batch
         train = stage == "train"
         terms = self.loss_terms(x0, self.drop_labels(y) if train else y)
         weighted = terms["loss"] * terms["weights"] if "weights" in terms else terms["loss"]
         loss = weighted.mean()
-        if train:
-            self.watch_finite(loss)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(x0), sync_dist=not train)
+        self.log_loss(loss, stage, len(x0))
         for name, value in terms.items():
             if name not in ("loss", "t", "weights"):
                 self.log(f"{stage}/{name}", value.mean(), batch_size=len(x0), sync_dist=not train)
         self._log_quarters(stage, terms["loss"].detach(), terms["t"])
         return loss, terms
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")[0]
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        # The same t and noise for a batch at every validation (a smoother curve), drawn outside training's
-        # random stream, so validating does not change what training draws next (exact resume).
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(batch_idx)
-            self._shared_step(batch, "val")
+    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        return self.loss_and_terms(batch, stage)[0]
 
     def _log_quarters(self, stage: str, losses: Tensor, t: Tensor) -> None:
         """The loss per quarter of the timestep range (q0: t < T/4, ..., q3: t >= 3T/4). In training: the mean over

@@ -135,9 +135,9 @@ class ProgressiveDistillation(DiffusionModel):
         self.start_steps, self.end_steps = int(start_steps), int(end_steps)
         self.steps_per_round, self.num_rounds = int(steps_per_round), _num_rounds(self.start_steps, self.end_steps)
         self.prediction_type, self.weighting = prediction_type, weighting
-        self.register_buffer("round_index", torch.tensor(0))
+        # the checkpoint's state: the round is start_steps / (2 student_steps) in log2 (round 0: start_steps / 2)
         self.register_buffer("student_steps", torch.tensor(self.start_steps // 2))
-        self._round = 0  # host copy of round_index (set when training starts)
+        self._round = 0  # host copy of the round (set when training starts: no device read per step)
 
     # ------------------------------------------------------------------ what callers ask
     @property
@@ -197,7 +197,7 @@ class ProgressiveDistillation(DiffusionModel):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
-        self._round = int(self.round_index)  # after a checkpoint has restored it
+        self._round = self.round_of(int(self.student_steps))  # after a checkpoint has restored it
         total = distillation_steps(self.start_steps, self.end_steps, self.steps_per_round)
         if not 0 < self.trainer.max_steps <= total:
             raise UserError(f"{self.num_rounds} rounds of {self.steps_per_round} steps need trainer.max_steps={total} "
@@ -207,35 +207,27 @@ class ProgressiveDistillation(DiffusionModel):
         if (r := self.global_step // self.steps_per_round) > self._round and r < self.num_rounds:
             self.next_round(r)
 
+    def round_of(self, student_steps: int) -> int:
+        """The round whose student samples with ``student_steps`` (0 for start_steps / 2)."""
+        return int(math.log2(self.start_steps // student_steps)) - 1
+
     def next_round(self, r: int) -> None:
         """The student of round r - 1 becomes the teacher; the optimiser's moments start afresh."""
         self.teacher_net.load_state_dict(self.net.state_dict())
         for optimizer in self.trainer.optimizers:
             optimizer.state.clear()
         self._round = r
-        self.round_index.fill_(r)
         self.student_steps.fill_(self.start_steps >> (r + 1))
         log.info(f"progressive distillation round {r + 1}/{self.num_rounds}: {self.start_steps >> r} teacher steps -> "
                  f"{self.start_steps >> (r + 1)} student steps")
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
-        train = stage == "train"
-        y = self.drop_labels(y) if train else y
         n = self.start_steps >> (self._round + 1)
-        terms = distillation_loss(self.denoiser(), self.teacher_denoiser(), self.encode(x), self.time, n,
-                                  y if self.num_classes else None, self.weighting)  # fmt: skip
-        loss = terms["loss"].mean()
-        if train:
-            self.watch_finite(loss)
-            self.log("student_steps", float(n), batch_size=1)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(x), sync_dist=not train)
+        y = self.drop_labels(y) if stage == "train" else y
+        loss = distillation_loss(self.denoiser(), self.teacher_denoiser(), self.encode(x), self.time, n, y,
+                                 self.weighting).mean()  # fmt: skip
+        self.log_loss(loss, stage, len(x))
+        if stage == "train":
+            self.log("student_steps", float(n), batch_size=1)  # names the round-end checkpoints
         return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(batch_idx)
-            self._shared_step(batch, "val")
