@@ -64,8 +64,8 @@ class ProgressiveDistillation(DiffusionModel):
     U{1..N}, two teacher DDIM steps give the target x~, and the loss is w(sigma) ||x0_hat - x~||^2
     (:func:`~diffusion_lightning.diffusion.distillation.distillation_loss`). At a round's end the student is copied
     into the teacher's place, the optimiser's moments are reset and the learning rate restarts
-    (:func:`linear_decay_per_round`). The round, and the student's step count that sampling uses, are buffers of the
-    checkpoint, so a run killed mid-round resumes mid-round and a checkpoint samples with its own step count.
+    (:func:`linear_decay_per_round`). The student's step count, which sampling uses and the round follows from, is a
+    buffer of the checkpoint, so a run killed mid-round resumes mid-round and a checkpoint samples with its own steps.
 
     Args:
         teacher_ckpt: the teacher's checkpoint (its EMA weights are used).
