@@ -4,15 +4,12 @@ round; each round's student becomes the next round's teacher."""
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from diffusion_lightning.diffusion import ContinuousVPDenoiser, Denoiser, DiscreteVPDenoiser
@@ -20,7 +17,8 @@ from diffusion_lightning.diffusion.distillation import distillation_loss
 from diffusion_lightning.diffusion.losses import Weighting, loss_weight
 from diffusion_lightning.errors import UserError
 
-from .base import DiffusionModel, OptimizerFactory, SchedulerFactory
+from .base import OptimizerFactory, SchedulerFactory
+from .student import StudentModel
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +42,7 @@ def _num_rounds(start_steps: int, end_steps: int) -> int:
     return int(math.log2(ratio))
 
 
-def load_teacher(path: str | Path) -> tuple[DiffusionModel, dict[str, Any]]:
-    """The frozen teacher (its EMA weights) of a framework checkpoint, with the config that rebuilds it."""
-    from diffusion_lightning.checkpoint import model_from_checkpoint
-
-    teacher = model_from_checkpoint(path, ema=True)
-    config = {"model": teacher.run_config["model"], "rebuild_kwargs": teacher.rebuild_kwargs()}
-    return teacher, config
-
-
-class ProgressiveDistillation(DiffusionModel):
+class ProgressiveDistillation(StudentModel):
     """A student distilled from a frozen teacher (any VP model of the framework, through the denoiser contract), its
     sampling steps halved every ``steps_per_round`` optimizer steps from ``start_steps`` (the teacher's) to
     ``end_steps``.
@@ -96,42 +85,21 @@ class ProgressiveDistillation(DiffusionModel):
         channels_last: bool | None = None,
         compile: bool | None = None,
     ) -> None:
-        if teacher_ckpt:
-            teacher, config = load_teacher(teacher_ckpt)
-        elif teacher_config:
-            config = json.loads(teacher_config)
-            teacher = instantiate(config["model"], _convert_="all", **config.get("rebuild_kwargs", {}))
-        else:
-            raise UserError("progressive distillation needs its teacher: set model.teacher_ckpt=<run>/checkpoints/"
-                            "last.ckpt, or leave it null in a pd_* experiment to train or reuse one")
         if prediction_type not in ("x0", "v"):
             raise UserError(f"the student predicts x0 or v (Salimans & Ho 2022, Sec. 4), got {prediction_type!r}")
         loss_weight(torch.ones(1), weighting)
-        student = copy.deepcopy(teacher.net).requires_grad_(True)
-        for m in student.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = dropout
-        sampler = {"steps": None, **(sampler or {})}  # steps None: the student's own
-        super().__init__(student, sampler, optimizer, lr_scheduler, channels_last, compile,
-                         class_dropout=getattr(teacher, "class_dropout", 0.0))  # fmt: skip
+        super().__init__(teacher_ckpt, teacher_config, dropout, {"steps": None, **(sampler or {})},  # None: own steps
+                         ("progressive distillation", "pd"), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         channels_last=channels_last, compile=compile)  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.teacher: DiffusionModel = teacher.eval().requires_grad_(False)
-        self.teacher_config = config
-        self.teacher_net = copy.deepcopy(student).eval().requires_grad_(False)  # the teacher from round 1 on
-        den = teacher.denoiser()
-        if isinstance(den, DiscreteVPDenoiser):
-            self.time, self.time_input = den.time, "timestep"
-            if 2 * start_steps > den.diffusion.num_timesteps:
-                raise UserError(
-                    f"a teacher with T={den.diffusion.num_timesteps} discrete levels has no distinct levels for the "
-                    f"{2 * start_steps} half steps of start_steps={start_steps}: set model.start_steps <= "
-                    f"{den.diffusion.num_timesteps // 2}, or distil a continuous-time teacher (vdiff_*)"
-                )
-        elif isinstance(den, ContinuousVPDenoiser):
-            self.time, self.time_input = den.time, den.time_input
-        else:
-            raise UserError(f"{type(teacher).__name__} is no variance-preserving model: progressive distillation takes "
-                            "DDPM, improved DDPM, latent diffusion, continuous-time (vdiff_*) or distilled teachers")
+        self.teacher_net = copy.deepcopy(self.net).eval().requires_grad_(False)  # the teacher from round 1 on
+        den = self.teacher.denoiser()
+        if isinstance(den, DiscreteVPDenoiser) and 2 * start_steps > den.diffusion.num_timesteps:
+            raise UserError(
+                f"a teacher with T={den.diffusion.num_timesteps} discrete levels has no distinct levels for the "
+                f"{2 * start_steps} half steps of start_steps={start_steps}: set model.start_steps <= "
+                f"{den.diffusion.num_timesteps // 2}, or distil a continuous-time teacher (vdiff_*)"
+            )
         self.start_steps, self.end_steps = int(start_steps), int(end_steps)
         self.steps_per_round, self.num_rounds = int(steps_per_round), _num_rounds(self.start_steps, self.end_steps)
         self.prediction_type, self.weighting = prediction_type, weighting
@@ -140,41 +108,13 @@ class ProgressiveDistillation(DiffusionModel):
         self._round = 0  # host copy of the round (set when training starts: no device read per step)
 
     # ------------------------------------------------------------------ what callers ask
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.teacher.image_shape
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.teacher.sample_shape
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.teacher.num_classes
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.teacher.encode(x)
-
-    def decode(self, x: Tensor) -> Tensor:
-        return self.teacher.decode(x)
-
-    def _vp_denoiser(self, net: nn.Module) -> ContinuousVPDenoiser:
-        channels = self.sample_shape[0]  # a learned-variance network's second half is not used
-
-        def fn(z: Tensor, c_noise: Tensor, y: Tensor | None) -> Tensor:
-            y = y if self.num_classes else None
-            out = self.network(z, c_noise, y) if net is self.net else net(z, c_noise, y)
-            return out[:, :channels]
-
-        return ContinuousVPDenoiser(fn, self.time, self.prediction_type, self.time_input)
-
     def denoiser(self) -> ContinuousVPDenoiser:
         """The student, on the teacher's noise levels and continuous time."""
-        return self._vp_denoiser(self.net)
+        return self.vp_denoiser(self.net, self.prediction_type)
 
     def teacher_denoiser(self) -> Denoiser:
         """This round's teacher: the loaded model in round 0, the previous round's student after."""
-        return self.teacher.denoiser() if self._round == 0 else self._vp_denoiser(self.teacher_net)
+        return self.teacher.denoiser() if self._round == 0 else self.vp_denoiser(self.teacher_net, self.prediction_type)
 
     def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
         """The teacher's constraints on the settings (e.g. no clipping of latents), and ``steps: null`` = the
@@ -186,14 +126,8 @@ class ProgressiveDistillation(DiffusionModel):
             spec["steps"] = int(self.student_steps)
         return spec
 
-    def train(self, mode: bool = True) -> ProgressiveDistillation:
-        super().train(mode)
-        self.teacher.eval()
-        self.teacher_net.eval()
-        return self
-
-    def rebuild_kwargs(self) -> dict[str, Any]:
-        return {"teacher_ckpt": None, "teacher_config": json.dumps(self.teacher_config)}
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.teacher, self.teacher_net]
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
