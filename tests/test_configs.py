@@ -20,7 +20,8 @@ SAMPLERS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
 
 def test_the_groups_are_not_empty():
     assert {"ddpm_fmnist", "ddpm_cifar", "iddpm_fmnist", "iddpm_cifar", "ae_fmnist", "ldm_fmnist", "ae_cifar",
-            "ldm_cifar", "vdiff_fmnist", "vdiff_cifar", "pd_fmnist", "pd_cifar"} <= set(EXPERIMENTS)
+            "ldm_cifar", "vdiff_fmnist", "vdiff_cifar", "pd_fmnist", "pd_cifar", "ct_cifar", "ict_cifar", "cd_cifar",
+            "ect_cifar", "ict_fmnist", "cd_fmnist", "ect_fmnist"} <= set(EXPERIMENTS)
     assert {"ddpm", "ddim", "dpmpp", "heun", "consistency"} <= set(SAMPLERS)
 
 
@@ -47,7 +48,7 @@ def test_experiment_composes_and_instantiates(experiment, compose_train, tmp_pat
     else:
         assert isinstance(model, DiffusionModel)
         assert model.sampler == {**cfg.sampler} and model.sampler["name"] == cfg.sampler.name
-        if cfg.get("teacher"):
+        if cfg.model._target_.endswith("ProgressiveDistillation"):
             assert cfg.trainer.max_steps == model.num_rounds * cfg.model.steps_per_round
             assert model.sampler_spec()["steps"] == cfg.model.start_steps // 2
         optimizers = model.configure_optimizers()

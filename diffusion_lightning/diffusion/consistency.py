@@ -33,20 +33,29 @@ class ConsistencyFunction(DenoiserWrapper):
 
     The noise range is the consistency model's own [sigma_min, sigma_max] (Song et al.: [0.002, 80]); the grid of N
     steps is [sigma_max, *mid_sigmas[:N - 1], 0] (multistep consistency sampling, Alg. 1; iCT and ECT use 0.821 for
-    two steps on CIFAR-10).
+    two steps on CIFAR-10). ``enforce=False`` passes D through: for one that satisfies the boundary condition itself
+    (:class:`~.denoisers.EDMPrecond` with ``boundary_condition=True``, Song et al.'s c_skip and c_out).
     """
 
     def __init__(
-        self, inner: Denoiser, sigma_min: float = 0.002, sigma_max: float = 80.0, mid_sigmas: Sequence[float] = (0.821,)
+        self,
+        inner: Denoiser,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        mid_sigmas: Sequence[float] = (0.821,),
+        enforce: bool = True,
     ) -> None:
         super().__init__(inner)
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
         self.sigma_min, self.sigma_max, self.mid_sigmas = sigma_min, sigma_max, tuple(mid_sigmas)
+        self.enforce = enforce
 
     def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         s = sigma_batch(sigma, x)
         d, _ = self.inner.predict(x, s, y)
+        if not self.enforce:
+            return d, None
         return x + append_dims((s - self.sigma_min) / s, x.ndim) * (d - x), None
 
     def round_sigma(self, sigma: Tensor) -> Tensor:
@@ -178,7 +187,14 @@ def consistency_loss(
     with torch.no_grad():
         if shared_dropout:
             _set_rng_state(x.device, state)
-        target = f_target(x_prev, sigma_prev, y)
+        target = f_target(x_prev, sigma_prev.clamp(min=f.sigma_min), y)
         below = append_dims(sigma_prev < f.sigma_min, x.ndim)
         target = torch.where(below, x0, target.to(pred.dtype))
     return distance(pred, target, kind, c)
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, online: torch.nn.Module, mu: float) -> None:
+    """theta^- <- mu theta^- + (1 - mu) theta (Song et al. 2023, Alg. 2 / 3: the target network)."""
+    for t, p in zip(target.parameters(), online.parameters(), strict=True):
+        t.lerp_(p.detach(), 1.0 - mu)

@@ -2,6 +2,9 @@
 
 from .autoencoder import Autoencoder
 from .base import DiffusionModel
+from .consistency_distillation import ConsistencyDistillation
+from .consistency_training import ConsistencyTraining
+from .consistency_tuning import ConsistencyTuning
 from .continuous_diffusion import ContinuousDiffusion
 from .ddpm import DDPM
 from .improved_ddpm import ImprovedDDPM
@@ -11,6 +14,9 @@ from .progressive_distillation import ProgressiveDistillation
 __all__ = [
     "DDPM",
     "Autoencoder",
+    "ConsistencyDistillation",
+    "ConsistencyTraining",
+    "ConsistencyTuning",
     "ContinuousDiffusion",
     "DiffusionModel",
     "ImprovedDDPM",

@@ -117,11 +117,8 @@ class ProgressiveDistillation(StudentModel):
         return self.teacher.denoiser() if self._round == 0 else self.vp_denoiser(self.teacher_net, self.prediction_type)
 
     def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
-        """The teacher's constraints on the settings (e.g. no clipping of latents), and ``steps: null`` = the
-        student's own step count."""
-        spec = self.teacher.sampler_spec(self.sampler if sampler is None else sampler, **overrides)
-        if spec.get("variance_type") == "learned_range":  # a learned-variance teacher's; the student has none
-            spec["variance_type"] = "fixed_small"
+        """As :meth:`StudentModel.sampler_spec`, and ``steps: null`` = the student's own step count."""
+        spec = super().sampler_spec(sampler, **overrides)
         if spec.get("steps") is None:
             spec["steps"] = int(self.student_steps)
         return spec

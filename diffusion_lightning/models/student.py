@@ -114,6 +114,14 @@ class StudentModel(DiffusionModel):
 
         return ContinuousVPDenoiser(fn, self.time, prediction_type, self.time_input)
 
+    def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+        """The teacher's constraints on the settings (e.g. no clipping of latents); a learned-variance teacher's
+        ``learned_range`` becomes ``fixed_small`` (the student has no variance output)."""
+        spec = self.teacher.sampler_spec(self.sampler if sampler is None else sampler, **overrides)
+        if spec.get("variance_type") == "learned_range":
+            spec["variance_type"] = "fixed_small"
+        return spec
+
     def teacher_denoiser(self) -> Denoiser:
         """The loaded teacher through the denoiser contract."""
         return self.teacher.denoiser()
