@@ -11,7 +11,7 @@ sampling entry runs it (:func:`~.samplers.consistency_sample`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -20,7 +20,8 @@ from torch import Tensor
 from .denoisers import Denoiser, DenoiserWrapper, Sigma, append_dims, sigma_batch
 from .grids import karras_sigmas, with_zero
 
-Distance = Literal["l2", "l1", "pseudo_huber"]
+Distance = Literal["l2", "l1", "pseudo_huber", "lpips"]
+Perceptual = Callable[[Tensor, Tensor], Tensor]
 Solver = Literal["heun", "euler"]
 
 
@@ -127,16 +128,24 @@ def huber_c(x: Tensor) -> float:
     return 0.00054 * math.sqrt(x[0].numel())
 
 
-def distance(x: Tensor, y: Tensor, kind: Distance = "pseudo_huber", c: float | None = None) -> Tensor:
+def distance(
+    x: Tensor, y: Tensor, kind: Distance = "pseudo_huber", c: float | None = None, perceptual: Perceptual | None = None
+) -> Tensor:
     """Per-sample d(x, y): ``l2`` ||x - y||^2, ``l1`` ||x - y||_1, ``pseudo_huber`` with c (None: iCT's
-    0.00054 sqrt(d))."""
+    0.00054 sqrt(d)), or ``lpips``: ``perceptual`` (an LPIPS network) on both images resized to 224 x 224 bilinearly,
+    as Song et al. (2023) compute it."""
     if kind == "l2":
         return (x - y).square().flatten(1).sum(1)
     if kind == "l1":
         return (x - y).abs().flatten(1).sum(1)
     if kind == "pseudo_huber":
         return pseudo_huber(x, y, huber_c(x) if c is None else c)
-    raise ValueError(f"unknown distance {kind!r}: use l2, l1 or pseudo_huber")
+    if kind == "lpips":
+        if perceptual is None:
+            raise ValueError("the lpips distance needs the LPIPS network (local weights)")
+        up = [torch.nn.functional.interpolate(v, size=(224, 224), mode="bilinear") for v in (x, y)]
+        return perceptual(*up).reshape(x.shape[0])
+    raise ValueError(f"unknown distance {kind!r}: use l2, l1, pseudo_huber or lpips")
 
 
 # ---------------------------------------------------------------------------------------------------- one ODE step
@@ -177,6 +186,7 @@ def consistency_loss(
     kind: Distance = "pseudo_huber",
     c: float | None = None,
     shared_dropout: bool = True,
+    perceptual: Perceptual | None = None,
 ) -> Tensor:
     """Per-sample d(f(x, sigma), sg f_target(x_prev, sigma_prev)) (Song et al. 2023, eq. 7 / 10): ``x`` at the higher
     level, ``x_prev`` at the adjacent lower one. Where sigma_prev < f's sigma_min (ECT's r = 0) the target is x0.
@@ -190,7 +200,7 @@ def consistency_loss(
         target = f_target(x_prev, sigma_prev.clamp(min=f.sigma_min), y)
         below = append_dims(sigma_prev < f.sigma_min, x.ndim)
         target = torch.where(below, x0, target.to(pred.dtype))
-    return distance(pred, target, kind, c)
+    return distance(pred, target, kind, c, perceptual)
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from diffusion_lightning.diffusion.consistency import (
 from diffusion_lightning.diffusion.denoisers import append_dims
 from diffusion_lightning.errors import UserError
 
-from .consistency_training import distance_name
+from .consistency_training import perceptual_distance, perceptual_on
 from .student import StudentModel
 
 
@@ -40,7 +40,8 @@ class ConsistencyDistillation(StudentModel):
         num_levels: N (Song et al. on CIFAR-10: 18).
         solver: ``heun`` (the paper's) or ``euler``.
         mu: the target network's EMA decay (Song et al.: 0.95 on ImageNet 64 and LSUN).
-        distance, huber_c: ``l2`` ||.||^2 (the paper's non-perceptual choice), ``l1`` or ``pseudo_huber``.
+        distance, huber_c, lpips: ``l2`` ||.||^2 (the paper's non-perceptual choice), ``l1``, ``pseudo_huber``, or
+            ``lpips`` (the paper's best) with ``lpips`` = local weight files.
         sigma_min, sigma_max, rho: the consistency model's range and its Karras levels (0.002, 80, 7).
         mid_sigmas: the intermediate levels of multistep sampling.
         **kwargs: the :class:`~.base.DiffusionModel` arguments (sampler, optimiser, speed options).
@@ -55,6 +56,7 @@ class ConsistencyDistillation(StudentModel):
         mu: float = 0.95,
         distance: Distance = "l2",
         huber_c: float | None = None,
+        lpips: Mapping[str, str] | None = None,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         rho: float = 7.0,
@@ -70,7 +72,9 @@ class ConsistencyDistillation(StudentModel):
         super().__init__(teacher_ckpt, teacher_config, dropout, recipe=("consistency distillation", "cd"), **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.sigmas = karras_levels(num_levels, sigma_min, sigma_max, rho)
-        self.solver, self.mu, self.distance, self.huber_c = solver, mu, distance_name(distance), huber_c
+        self.solver, self.mu, self.huber_c = solver, mu, huber_c
+        self.distance, perceptual = perceptual_distance(distance, lpips)
+        self._perceptual = [perceptual] if perceptual is not None else []  # unregistered: not in checkpoints
         self.sigma_min, self.sigma_max, self.mid_sigmas = sigma_min, sigma_max, tuple(mid_sigmas)
         self.target_net = copy.deepcopy(self.net).requires_grad_(False) if mu > 0 else None
 
@@ -93,9 +97,9 @@ class ConsistencyDistillation(StudentModel):
         with torch.no_grad():
             x_lo = ode_step(self.teacher_denoiser(), x_hi, hi, lo, y, self.solver)
         f_target = self.consistency_function(self.target_net)
-        shared = self.target_net is None
+        shared, perceptual = self.target_net is None, perceptual_on(self._perceptual, x0.device)
         return consistency_loss(self.denoiser(), f_target, x_hi, hi, x_lo, lo, x0, y, self.distance, self.huber_c,
-                                shared_dropout=shared).float()  # fmt: skip
+                                shared_dropout=shared, perceptual=perceptual).float()  # fmt: skip
 
     def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch

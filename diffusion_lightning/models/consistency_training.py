@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -44,8 +44,8 @@ class ConsistencyTraining(DiffusionModel):
         mu0: CT's target decay mu0 (mu(k) = exp(s0 ln mu0 / N(k))); 0: no target network (iCT).
         level_sampling: ``uniform`` over the pairs (CT) or ``lognormal`` (iCT, with ``p_mean``, ``p_std``).
         weighting: ``uniform`` (CT) or ``inverse_gap`` 1 / (sigma_{i+1} - sigma_i) (iCT).
-        distance, huber_c: ``l2``, ``l1`` or ``pseudo_huber`` (iCT) with c (None: 0.00054 sqrt(d)); no perceptual
-            distance: no package here ships LPIPS weights.
+        distance, huber_c: ``l2``, ``l1``, ``pseudo_huber`` (iCT) with c (None: 0.00054 sqrt(d)), or ``lpips`` (CT's
+            best) with ``lpips`` = local weight files (:class:`~diffusion_lightning.nets.lpips.LPIPS`).
         sigma_data, sigma_min, sigma_max, rho: the parameterisation and its Karras levels (0.5, 0.002, 80, 7).
         mid_sigmas: the intermediate levels of multistep sampling (2 steps: [sigma_max, mid_sigmas[0]]).
         **kwargs: the :class:`~.base.DiffusionModel` arguments (sampler, optimiser, speed options).
@@ -65,6 +65,7 @@ class ConsistencyTraining(DiffusionModel):
         weighting: Literal["uniform", "inverse_gap"] = "inverse_gap",
         distance: Distance = "pseudo_huber",
         huber_c: float | None = None,
+        lpips: Mapping[str, str] | None = None,
         sigma_data: float = 0.5,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
@@ -83,7 +84,8 @@ class ConsistencyTraining(DiffusionModel):
             raise UserError(f"weighting is uniform or inverse_gap, got {weighting!r}")
         if not 0.0 <= mu0 < 1.0:
             raise UserError(f"mu0 is a decay in [0, 1), got {mu0}")
-        distance_kind = distance_name(distance)
+        distance_kind, perceptual = perceptual_distance(distance, lpips)
+        self._perceptual = [perceptual] if perceptual is not None else []  # unregistered: not in checkpoints
         self.curriculum, self.total_steps, self.s0, self.s1, self.mu0 = curriculum, int(total_steps), s0, s1, mu0
         self.level_sampling, self.p_mean, self.p_std, self.weighting = level_sampling, p_mean, p_std, weighting
         self.distance, self.huber_c = distance_kind, huber_c
@@ -130,7 +132,8 @@ class ConsistencyTraining(DiffusionModel):
         lo_, hi_ = lo.to(x0.dtype), hi.to(x0.dtype)
         x_hi, x_lo = x0 + append_dims(hi_, x0.ndim) * z, x0 + append_dims(lo_, x0.ndim) * z
         f_target = self.consistency_function(self.target_net)
-        d = consistency_loss(self.denoiser(), f_target, x_hi, hi_, x_lo, lo_, x0, y, self.distance, self.huber_c)
+        d = consistency_loss(self.denoiser(), f_target, x_hi, hi_, x_lo, lo_, x0, y, self.distance, self.huber_c,
+                             perceptual=perceptual_on(self._perceptual, x0.device))  # fmt: skip
         weight = (hi - lo).reciprocal() if self.weighting == "inverse_gap" else torch.ones_like(hi)
         return weight.float() * d.float()
 
@@ -148,11 +151,25 @@ class ConsistencyTraining(DiffusionModel):
             ema_update(self.target_net, self.net, self.target_decay(self.global_step - 1))
 
 
-def distance_name(kind: str) -> Distance:
-    """``kind`` checked against the distances there are (a perceptual one is refused with the reason)."""
-    if kind in ("lpips", "perceptual"):
-        raise UserError("no package here ships LPIPS weights and nothing is downloaded at run time: use "
-                        "model.distance=pseudo_huber (iCT's), l2 or l1")  # fmt: skip
-    if kind not in ("l2", "l1", "pseudo_huber"):
-        raise UserError(f"unknown distance {kind!r}: use pseudo_huber, l2 or l1")
-    return kind  # type: ignore[return-value]
+def perceptual_on(holder: list[nn.Module], device: torch.device) -> nn.Module | None:
+    """The LPIPS network held outside the module tree (so checkpoints neither hold nor need it), on ``device``."""
+    if not holder:
+        return None
+    holder[0] = holder[0].to(device)
+    return holder[0]
+
+
+def perceptual_distance(kind: str, lpips: Mapping[str, str] | None) -> tuple[Distance, nn.Module | None]:
+    """``kind`` checked against the distances there are, and for ``lpips`` the LPIPS network from local weights
+    (never downloaded: without them the error says how to get them)."""
+    if kind not in ("l2", "l1", "pseudo_huber", "lpips"):
+        raise UserError(f"unknown distance {kind!r}: use pseudo_huber, l2, l1 or lpips")
+    if kind != "lpips":
+        return kind, None  # type: ignore[return-value]
+    if not lpips:
+        raise UserError("model.distance=lpips needs local LPIPS weights (no package here ships them and nothing is "
+                        "downloaded at run time): set model.lpips={backbone_weights: <vgg16-397923af.pth>, "
+                        "lin_weights: <lpips vgg.pth>}, or use model.distance=pseudo_huber (iCT's)")  # fmt: skip
+    from diffusion_lightning.nets.lpips import LPIPS
+
+    return "lpips", LPIPS(**lpips).requires_grad_(False)

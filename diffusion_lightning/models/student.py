@@ -82,6 +82,9 @@ class StudentModel(DiffusionModel):
             raise UserError(f"{type(teacher).__name__} is no variance-preserving model: {recipe[0]} takes DDPM, "
                             "improved DDPM, latent diffusion, continuous-time (vdiff_*) or distilled teachers")
         self.teacher_prediction_type: PredictionType = den.prediction_type
+        # the copy came from an eval-mode teacher, and Lightning keeps the mode a module starts fit in: the student's
+        # dropout would never be active
+        self.net.train()
 
     # ------------------------------------------------------------------ what callers ask
     @property
