@@ -25,13 +25,13 @@ echo "ect: $ect"; echo "cd: $cd"; echo "ict: $ict"; echo "teacher: $teacher"
 fid=(metric=fid extractor=fmnist-classifier "num_samples=$n" "results=$out/results.jsonl" "precision=${PRECISION:-32}")
 ev() { $py -m diffusion_lightning.evaluate -m "${fid[@]}" "$@" 2>&1 | grep -E "\"fid\"|Error|error" || true; }
 
-ev "ckpt=$ect/checkpoints/last.ckpt,$cd/checkpoints/last.ckpt,$ict/checkpoints/last.ckpt" sampler.steps=1,2 seed=0,1,2
+ev "ckpt=$ect/checkpoints/last.ckpt,$cd/checkpoints/last.ckpt,$ict/checkpoints/last.ckpt" sampler=consistency sampler.steps=1,2 seed=0,1,2
 ev "ckpt=$teacher" sampler=ddim,dpmpp sampler.steps=1,2 seed=0,1,2
 
 for run in "$ect" "$cd" "$ict"; do
   name=$(basename "$(dirname "$run")")
   for s in 1 2; do
-    $py -m diffusion_lightning.sample "ckpt=$run/checkpoints/last.ckpt" sampler.steps=$s num_samples=64 \
+    $py -m diffusion_lightning.sample "ckpt=$run/checkpoints/last.ckpt" sampler=consistency sampler.steps=$s num_samples=64 \
       "out=$out/${name}_${s}step.png" > /dev/null
   done
 done

@@ -139,6 +139,7 @@ def test_shared_dropout_makes_student_and_target_agree_on_the_same_input():
     different = consistency_loss(f, f, x, sigma, x, sigma, x, kind="l2", shared_dropout=False)
     assert torch.equal(same, torch.zeros(8)) and bool((different > 0).all())
     # below sigma_min (ECT's r = 0) the target is the data itself
+    net.eval()
     x0 = torch.randn(8, 4)
     d = consistency_loss(f, f, x, sigma, x, torch.zeros(8), x0, kind="l2")
     torch.testing.assert_close(d, (f(x, 1.0) - x0).square().sum(1))
@@ -211,7 +212,9 @@ def test_ct_and_cd_learn_the_exact_consistency_function_of_gaussian_data(method)
             errors.append(float((f(x, s) - _f_star(x, s)).square().mean().sqrt()))
         # one-step generation from the prior N(0, sigma_max^2)
         samples = f(SIGMA_MAX * torch.randn(20000, DIM), torch.full((20000,), SIGMA_MAX))
-    # RMS error against f* at every level, relative to the data's std S: CD ~0.01-0.03, CT ~0.03-0.06 (measured)
-    assert max(errors) < (0.1 if method == "cd" else 0.15) * S, errors
+    # RMS error against f* at 10 levels in [0.002, 80], relative to the data's std S (measured at seed 0): at most
+    # 0.055 (CD) and 0.074 (CT), largest at sigma_max; the untrained network: 1.15. One-step samples: mean 0.310 /
+    # 0.301, std 0.491 / 0.465 (CT's finite-N targets shrink it a little)
+    assert max(errors) < (0.08 if method == "cd" else 0.1) * S, errors
     assert float(samples.mean()) == pytest.approx(MU, abs=0.05)
     assert float(samples.std()) == pytest.approx(S, rel=0.1)
