@@ -6,7 +6,7 @@ EXP ?= ddpm_fmnist
 ARGS ?=
 CKPT ?=
 RESULTS ?= outputs/evaluate/results.jsonl
-REPORT ?= docs/eval_report
+REPORT ?= outputs/report
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # torch/torchvision pinned for this environment (they install from local disk here); the package
 # itself accepts a range of versions.

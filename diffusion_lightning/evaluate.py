@@ -23,7 +23,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Subset
 
 from .checkpoint import model_from_checkpoint
-from .errors import UserError
+from .errors import UserError, suggest_on_failure
 from .metrics import SampleQuality, get_extractor, load_or_compute_reference_stats, to_uint8
 from .metrics.reference import dataset_key
 from .utils import generate, resolve_device, run_or_exit
@@ -178,4 +178,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    suggest_on_failure(main, "evaluate")

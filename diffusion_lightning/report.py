@@ -137,7 +137,7 @@ def write_report(results: str | Path, out_dir: str | Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="outputs/evaluate/results.jsonl", help="JSON lines from evaluate")
-    parser.add_argument("--out", default="docs/eval_report", help="output folder")
+    parser.add_argument("--out", default="outputs/report", help="output folder (published reports: docs/eval_report)")
     args = parser.parse_args(argv)
     if not Path(args.results).is_file():
         parser.exit(2, f"error: {args.results} not found; run `python -m diffusion_lightning.evaluate ckpt=...`\n")

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from .checkpoint import model_from_checkpoint
+from .errors import suggest_on_failure
 from .images import to_uint8
 from .utils import generate, resolve_device, run_or_exit
 
@@ -44,4 +45,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    suggest_on_failure(main, "sample")

@@ -1,7 +1,8 @@
 """Training entry: ``python -m diffusion_lightning.train experiment=ddpm_fmnist [key=value ...]``.
 
 A two-stage experiment names the run it builds on: latent diffusion (``ldm_*``) its autoencoder in ``first_stage``,
-progressive distillation (``pd_*``) its teacher in ``teacher``; with the model's checkpoint key for it
+progressive distillation, consistency distillation and tuning (``pd_*``, ``cd_*``, ``ect_*``) its teacher in
+``teacher``; with the model's checkpoint key for it
 (``model.first_stage_ckpt``, ``model.teacher_ckpt``) null the newest finished run of that experiment is reused, or
 trained first in its own run folder.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import check_compatible, load_checkpoint
-from .errors import UserError
+from .errors import UserError, suggest_on_failure
 from .utils import run_or_exit
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,19 @@ warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 # Latent diffusion keeps its frozen first stage in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+class _DropThirdPartyNotes(logging.Filter):
+    """Lightning's advertisements for its cloud products and its note that our own model summary replaces its
+    default one: start-up lines that tell a user nothing about the run."""
+
+    NOTES = ("💡 Tip:", "Trainer already configured with model summary callbacks")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTES)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropThirdPartyNotes())
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -157,9 +173,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return {"trainer": trainer, "model": model, "datamodule": datamodule}
 
 
+def drop_empty_run(folder: Path) -> bool:
+    """Remove a run folder that holds nothing but Hydra's config copy and the log (a run that failed before it wrote
+    a checkpoint, a grid or a curve); True if it was removed."""
+    if not folder.is_dir():
+        return False
+    for path in folder.iterdir():
+        if path.name not in (".hydra", "train.log") and (path.is_file() or any(p.is_file() for p in path.rglob("*"))):
+            return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    result = run_or_exit(train, cfg)
+    try:
+        result = run_or_exit(train, cfg)
+    except BaseException:
+        if drop_empty_run(Path(cfg.paths.output_dir)):
+            print(f"(removed the run folder {cfg.paths.output_dir}: the run wrote nothing)", file=sys.stderr)
+        raise
     if not result["trainer"].is_global_zero:
         return
     grid = next((c for c in result["trainer"].callbacks if hasattr(c, "last_path")), None)
@@ -169,4 +202,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    suggest_on_failure(main, "train")

@@ -285,3 +285,65 @@ def test_progress_bar_counts_steps_of_step_limited_runs():
     assert bar._get_train_description(3).strip() == "Epoch 3 · step 0/5000"  # Lightning alone: "Epoch 3/-2"
     bar._trainer = L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, callbacks=[bar])
     assert bar._get_train_description(3).strip() == "Epoch 3/3"
+
+
+def test_progress_lines_reach_a_file_and_train_log_while_the_run_goes(image_folder, tmp_path):
+    """stdout to a file (a SLURM job, nohup): plain progress lines with step, img/s, loss, elapsed and ETA, and the
+    run's train.log holds them before the run ends."""
+    import re
+    import time
+
+    cmd = [sys.executable, "-m", "diffusion_lightning.train", *TINY_NET, *folder_data(image_folder),
+           f"paths.log_dir={tmp_path / 'outputs'}", "trainer.max_steps=300", "trainer.val_check_interval=300",
+           "trainer.limit_val_batches=1", "callbacks.progress_bar.every_s=0.2", "callbacks.sample_grid.num_samples=4",
+           "sampler.steps=2", "callbacks.model_summary=null", "logger=csv"]  # fmt: skip
+    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT)
+        seen_while_running = False
+        while proc.poll() is None and not seen_while_running:
+            logs = list((tmp_path / "outputs").glob("train/*/*/train.log"))
+            seen_while_running = bool(logs) and "img/s" in logs[0].read_text() and proc.poll() is None
+            time.sleep(0.05)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "stdout.txt").read_text()[-3000:]
+    assert seen_while_running
+    text = (tmp_path / "stdout.txt").read_text()
+    line = r"step \d+/300 · [\d.]+ img/s · loss [\d.]+ · elapsed \d+m\d\ds · ETA \d+m\d\ds"
+    assert len(re.findall(line, text)) >= 2, text[-3000:]
+    assert "step 300/300" in text
+
+
+@pytest.mark.parametrize("bad", ["model.optimizer.lrr=1", "data.image_size=30"])
+def test_a_failed_run_leaves_no_run_folder(bad, image_folder, tmp_path):
+    """A config error (a mistyped key, a wrong image size) exits with its message and no empty run folder."""
+    cmd = [sys.executable, "-m", "diffusion_lightning.train", *TINY_NET, *folder_data(image_folder),
+           f"paths.log_dir={tmp_path / 'outputs'}", bad]  # fmt: skip
+    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and ("lrr" in proc.stderr or "30" in proc.stderr), proc.stderr[-2000:]
+    assert not list((tmp_path / "outputs").glob("train/*/*")), list((tmp_path / "outputs").rglob("*"))
+
+
+def test_a_mistyped_key_gets_the_nearest_keys_suggested(image_folder, tmp_path):
+    from diffusion_lightning.errors import near_keys
+
+    assert near_keys(["experiment=ddpm_fmnist", "model.optimizer.lrr=1"], "train") == {"model.optimizer.lrr": [
+        "model.optimizer.lr"]}  # fmt: skip
+    # an experiment's own keys count; valid overrides are not reported
+    assert near_keys(["experiment=ect_fmnist", "model.steps_per_stag=3", "trainer.max_steps=5"], "train") == {
+        "model.steps_per_stag": ["model.steps_per_stage"]}  # fmt: skip
+    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "diffusion_lightning.train", "model.optimizer.lrr=1",
+                           f"paths.log_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "the config has no key model.optimizer.lrr: did you mean model.optimizer.lr?" in proc.stderr, proc.stderr
+
+
+def test_a_wrong_image_size_names_the_nearest_sizes_that_work():
+    from diffusion_lightning.nets import UNet
+
+    with pytest.raises(ValueError, match=r"the nearest sizes that work are 28 or 32 \(data.image_size=...\)"):
+        UNet(image_size=30, channel_mult=[1, 2, 2], attention_resolutions=[])
+    with pytest.raises(ValueError, match=r"nearest sizes that work are 8 or 16"):
+        UNet(image_size=10, channel_mult=[1, 2, 2, 2], attention_resolutions=[])

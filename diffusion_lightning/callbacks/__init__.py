@@ -3,8 +3,18 @@
 from .checkpoint import ModelCheckpoint
 from .ema import EMA, ema_module
 from .metrics import SampleMetrics
-from .progress import ProgressBar
+from .progress import PlainProgress, ProgressBar, progress_bar
 from .reconstruction_grid import ReconstructionGrid
 from .sample_grid import SampleGrid
 
-__all__ = ["EMA", "ModelCheckpoint", "ProgressBar", "ReconstructionGrid", "SampleGrid", "SampleMetrics", "ema_module"]
+__all__ = [
+    "EMA",
+    "ModelCheckpoint",
+    "PlainProgress",
+    "ProgressBar",
+    "ReconstructionGrid",
+    "SampleGrid",
+    "SampleMetrics",
+    "ema_module",
+    "progress_bar",
+]

@@ -143,10 +143,12 @@ class UNet(nn.Module):
         levels = len(channel_mult)
         factor = 2 ** (levels - 1)
         if levels == 0 or image_size % factor:
-            valid = ", ".join(str(factor * k) for k in range(1, 5))
+            below, above = image_size // max(factor, 1) * factor, (image_size // max(factor, 1) + 1) * factor
+            near = " or ".join(str(v) for v in (below, above) if v > 0)
             raise ValueError(
                 f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1)={factor} for "
-                f"channel_mult={tuple(channel_mult)}: use e.g. image_size in ({valid}) or fewer levels in channel_mult"
+                f"channel_mult={tuple(channel_mult)}: the nearest sizes that work are {near} (data.image_size=...), "
+                "or use fewer levels in channel_mult"
             )
         resolutions = [image_size // 2**i for i in range(levels)]
         if bad := sorted(set(attention_resolutions) - set(resolutions)):
