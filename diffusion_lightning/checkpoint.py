@@ -47,12 +47,14 @@ def check_compatible(checkpoint: dict[str, Any], model: nn.Module, path: str | P
             k = shapes[0]
             shape_pair = f"{tuple(theirs[k].shape)} vs {tuple(own[k].shape)}"
             details.append(f"{len(shapes)} of other shape (e.g. {k}: {shape_pair})")
-        trained = checkpoint.get("run_config", {}).get("model", {})
-        hint = f" It was trained with model config {trained}." if trained else ""
-        raise CheckpointError(
-            f"{path} was written by a different model: {'; '.join(details)} weights.{hint} "
-            "Use the same experiment/model config it was trained with."
-        )
+        run_config = checkpoint.get("run_config") or {}
+        experiment, target = run_config.get("run_name"), (run_config.get("model") or {}).get("_target_")
+        if experiment:
+            hint = (f" It was written by experiment={experiment} ({target}): resume it with experiment={experiment} "
+                    "and the overrides of that run (its .hydra/overrides.yaml).")  # fmt: skip
+        else:
+            hint = " Use the same experiment/model config it was trained with."
+        raise CheckpointError(f"{path} was written by a different model: {'; '.join(details)} weights.{hint}")
 
 
 def upgrade_run_config(config: dict[str, Any], checkpoint_format: int) -> dict[str, Any]:

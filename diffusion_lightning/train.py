@@ -148,6 +148,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 cfg.model[model_key] = checkpoint
             if cfg.get("seed") is not None:
                 L.seed_everything(cfg.seed, workers=True)  # stage 2 draws as it would without a stage 1 before it
+    if cfg.get("ckpt_path") and (run := run_folder_of(cfg.ckpt_path)) and run != Path(cfg.paths.output_dir).resolve():
+        continue_in(run, cfg)
     model = instantiate(cfg.model, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("ckpt_path"):
@@ -173,6 +175,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return {"trainer": trainer, "model": model, "datamodule": datamodule}
 
 
+def run_folder_of(ckpt_path: str | Path) -> Path | None:
+    """The run folder a checkpoint was written into (``<run>/checkpoints/<name>.ckpt`` beside ``<run>/.hydra``), or
+    None for a checkpoint outside a run folder."""
+    run = Path(ckpt_path).resolve().parent.parent
+    return run if (run / ".hydra").is_dir() and Path(ckpt_path).resolve().parent.name == "checkpoints" else None
+
+
+def continue_in(run: Path, cfg: DictConfig) -> None:
+    """Resume in the run folder the checkpoint came from: its checkpoints, grids, TensorBoard curves (the same event
+    folder, steps continuing from the checkpoint's) and ``train.log`` (appended) go on there. The folder Hydra made for
+    this invocation keeps only its config, copied to ``<run>/.hydra/resumed_<time>/``, and is removed at the end."""
+    fresh = Path(cfg.paths.output_dir)
+    if (fresh / ".hydra").is_dir():
+        shutil.copytree(fresh / ".hydra", run / ".hydra" / f"resumed_{fresh.name}", dirs_exist_ok=True)
+    handler = logging.FileHandler(run / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run)
+    log.info(f"resuming in the run folder of the checkpoint, {run}: its checkpoints, grids and curves continue there")
+
+
 def drop_empty_run(folder: Path) -> bool:
     """Remove a run folder that holds nothing but Hydra's config copy and the log (a run that failed before it wrote
     a checkpoint, a grid or a curve); True if it was removed."""
@@ -187,12 +211,16 @@ def drop_empty_run(folder: Path) -> bool:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    fresh = Path(cfg.paths.output_dir)
     try:
         result = run_or_exit(train, cfg)
     except BaseException:
-        if drop_empty_run(Path(cfg.paths.output_dir)):
-            print(f"(removed the run folder {cfg.paths.output_dir}: the run wrote nothing)", file=sys.stderr)
+        if drop_empty_run(fresh):
+            print(f"(removed the run folder {fresh}: the run wrote nothing)", file=sys.stderr)
         raise
+    finally:
+        if Path(cfg.paths.output_dir) != fresh:  # resumed in the checkpoint's run folder (continue_in)
+            drop_empty_run(fresh)
     if not result["trainer"].is_global_zero:
         return
     grid = next((c for c in result["trainer"].callbacks if hasattr(c, "last_path")), None)

@@ -242,7 +242,7 @@ def test_checkpoint_errors(compose_train, image_folder, tmp_path):
     # another architecture
     wider = ["model.net.model_channels=12", f"ckpt_path={good}"]
     other = compose_train(_fit_overrides(image_folder, max_steps=2) + wider)
-    with pytest.raises(CheckpointError, match="different model"):
+    with pytest.raises(CheckpointError, match=r"different model.* written by experiment=ddpm_fmnist \(diffusion_"):
         train(other)
     # the same network under another forward process: refused before any step (the weights would fit)
     other_t = compose_train(_fit_overrides(image_folder, max_steps=2) + [f"ckpt_path={good}", "model.num_timesteps=60"])
@@ -294,7 +294,7 @@ def test_progress_lines_reach_a_file_and_train_log_while_the_run_goes(image_fold
     import time
 
     cmd = [sys.executable, "-m", "diffusion_lightning.train", *TINY_NET, *folder_data(image_folder),
-           f"paths.log_dir={tmp_path / 'outputs'}", "trainer.max_steps=300", "trainer.val_check_interval=300",
+           f"paths.log_dir={tmp_path / 'outputs'}", "trainer.max_steps=300", "trainer.val_check_interval=null",
            "trainer.limit_val_batches=1", "callbacks.progress_bar.every_s=0.2", "callbacks.sample_grid.num_samples=4",
            "sampler.steps=2", "callbacks.model_summary=null", "logger=csv"]  # fmt: skip
     env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -347,3 +347,34 @@ def test_a_wrong_image_size_names_the_nearest_sizes_that_work():
         UNet(image_size=30, channel_mult=[1, 2, 2], attention_resolutions=[])
     with pytest.raises(ValueError, match=r"nearest sizes that work are 8 or 16"):
         UNet(image_size=10, channel_mult=[1, 2, 2, 2], attention_resolutions=[])
+
+
+def test_resuming_continues_in_the_checkpoints_run_folder_with_its_curves(image_folder, tmp_path):
+    """ckpt_path=<run>/checkpoints/last.ckpt with a larger max_steps: one run folder, whose TensorBoard loss curve
+    runs on without a gap or a repeated step and whose train.log holds both parts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base = [sys.executable, "-m", "diffusion_lightning.train", *TINY_NET, *folder_data(image_folder), *QUIET,
+            f"paths.log_dir={tmp_path / 'outputs'}", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=1",
+            "trainer.val_check_interval=null",
+            "callbacks.sample_grid.num_samples=4", "sampler.steps=2"]  # fmt: skip
+    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*base, "trainer.max_steps=6"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").glob("train/*/*")
+    second = subprocess.run([*base, "trainer.max_steps=12", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert list((tmp_path / "outputs").glob("train/*/*")) == [run]  # no second run folder
+    assert f"run folder: {run}" in second.stdout
+    steps = []
+    for events in sorted((run / "tensorboard").glob("events.out.tfevents*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        steps += [e.step for e in acc.Scalars("train/loss")]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents*"))) == 2
+    assert sorted(steps) == list(range(12)), steps  # steps 0..5, then 6..11
+    assert "resuming in the run folder" in (run / "train.log").read_text()
+    assert list((run / ".hydra").glob("resumed_*/overrides.yaml"))
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 12
