@@ -46,9 +46,12 @@ def near_keys(overrides: list[str], config_name: str, limit: int = 3) -> dict[st
     for override in plain:
         key = override.split("=", 1)[0]
         if "." in key and key not in known:
-            parent = key.rsplit(".", 1)[0]
-            siblings = [k for k in keys if k.rsplit(".", 1)[0] == parent] or keys
-            found[key] = difflib.get_close_matches(key, siblings, n=limit, cutoff=0.6)
+            parent, leaf = key.rsplit(".", 1)
+            siblings = {k.rsplit(".", 1)[1]: k for k in keys if "." in k and k.rsplit(".", 1)[0] == parent}
+            if siblings:  # a key of the same group, by its last part: model.optimizer.lrr -> lr
+                found[key] = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=limit, cutoff=0.6)]
+            else:
+                found[key] = difflib.get_close_matches(key, keys, n=limit, cutoff=0.6)
     return found
 
 
