@@ -168,6 +168,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with results.open("a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record, indent=2))
+    if "kid" in record:
+        print("kid: the raw polynomial-kernel MMD² of the features (papers often print it x1000)")
     print(f"appended to {results}")
     return record
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-QUALITY_COLUMNS = ("experiment", "step", "EMA", "sampler", "steps", "NFE", "samples", "features", "FID", "KID", "IS",
-                   "wall time")  # fmt: skip
+QUALITY_COLUMNS = ("experiment", "step", "EMA", "sampler", "steps", "NFE", "samples", "features", "FID",
+                   "KID (raw MMD², not ×1000)", "IS", "wall time")  # fmt: skip
 NLL_COLUMNS = ("experiment", "step", "EMA", "estimator", "split", "images", "bits/dim", "wall time")
 
 
