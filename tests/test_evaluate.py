@@ -238,7 +238,8 @@ def test_report_table_and_plot(tmp_path):
     md = paths["markdown"].read_text()
     table = [line for line in md.splitlines() if line.startswith("| ddpm_fmnist")]
     assert len(table) == 12  # 11 FID rows + 1 NLL row, one per evaluation
-    assert "| experiment | step | EMA | sampler | steps | NFE | samples | features | FID | KID | IS | wall time |" in md
+    assert ("| experiment | step | EMA | sampler | steps | NFE | samples | features | FID | "
+            "KID (raw MMD², not ×1000) | IS | wall time |") in md
     assert ("| ddpm_fmnist | 2000 | yes | heun | 10 | 19 | 1000 | inception | 12.00 | 0.001 ± 0.001 | 7.50 ± 0.10 "
             "| 32.0 s |") in md  # fmt: skip
     assert "| ddpm_fmnist | 4000 | yes | ddim | 10 | 10 | 1000 | inception | 7.00 | 0.002 ± 0.0001 | – | 30.0 s |" in md
