@@ -43,6 +43,8 @@ warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 # Latent diffusion keeps its frozen first stage in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# A deprecation inside Lightning's own code (lightning/pytorch/utilities/_pytree.py), nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class _DropThirdPartyNotes(logging.Filter):

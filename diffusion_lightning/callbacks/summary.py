@@ -35,6 +35,7 @@ class ModelSummary(RichModelSummary):
         console = get_console()
         console.print(table)
         frozen = total_parameters - trainable_parameters
-        console.print(f"[bold]params[/]: {get_human_readable_count(int(trainable_parameters))} trainable, "
-                      f"{get_human_readable_count(int(frozen))} frozen ({model_size:.1f} MB); modules: "
-                      f"{total_training_modes['train']} in train mode, {total_training_modes['eval']} in eval mode")
+        console.print(f"[bold]params[/]: {get_human_readable_count(int(trainable_parameters)).strip()} trainable, "
+                      f"{get_human_readable_count(int(frozen)).strip()} frozen ({model_size:.1f} MB); modules: "
+                      f"{total_training_modes['train']} in train mode, {total_training_modes['eval']} in eval mode",
+                      soft_wrap=True)  # fmt: skip
