@@ -378,3 +378,24 @@ def test_resuming_continues_in_the_checkpoints_run_folder_with_its_curves(image_
     assert "resuming in the run folder" in (run / "train.log").read_text()
     assert list((run / ".hydra").glob("resumed_*/overrides.yaml"))
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 12
+
+
+def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_one_whole(compose_train, image_folder, tmp_path):
+    """Checkpoints go to <name>.tmp and are renamed: a write cut off (here: half the bytes, then an error, as a kill
+    would leave it) never replaces last.ckpt."""
+    out = train(compose_train(_fit_overrides(image_folder, max_steps=2)))
+    trainer = out["trainer"]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    callback = trainer.checkpoint_callback
+
+    def dies_midway(filepath, weights_only=False):
+        Path(filepath).write_bytes(before[: len(before) // 2])
+        raise KeyboardInterrupt("killed while writing")
+
+    trainer.save_checkpoint = dies_midway
+    with pytest.raises(KeyboardInterrupt):
+        callback._save_checkpoint(trainer, str(last))
+    assert last.read_bytes() == before and load_checkpoint(last)["global_step"] == 2
+    assert not list(last.parent.glob("*.ckpt.tmp")) or (last.parent / "last.ckpt.tmp").stat().st_size < len(before)
+    assert not any(p.suffix == ".tmp" for p in last.parent.glob("step_*"))  # finished writes leave no temporaries

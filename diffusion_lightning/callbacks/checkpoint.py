@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -22,7 +23,9 @@ class ModelCheckpoint(_ModelCheckpoint):
       ``every_n_train_steps`` did not recognise its ``last.ckpt``, wrote ``last-v1.ckpt`` and left a stale
       ``last.ckpt`` behind. Periodic files are named by their step, so they do not collide within a run.
 
-    No save runs after an exception (a NaN loss, say), so the last good checkpoint stays."""
+    Every file is written atomically: to ``<name>.tmp``, then renamed over ``<name>``, so a process killed while
+    writing leaves the previous ``last.ckpt`` whole. No save runs after an exception (a NaN loss, say), so the last
+    good checkpoint stays."""
 
     def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
@@ -35,6 +38,14 @@ class ModelCheckpoint(_ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_last_if_due(trainer)
         super().on_train_end(trainer, pl_module)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        tmp = f"{filepath}.tmp"
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("checkpoint_renamed")
+        self._last_checkpoint_saved = filepath
 
     def _save_last_if_due(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
