@@ -277,15 +277,14 @@ def write_run_report(run: str | Path, out_dir: str | Path | None = None,
 
 
 def _resolved_config(run: Path) -> dict[str, Any] | None:
-    """The resolved run config stored in the run's newest checkpoint (``last.ckpt`` first), else ``.hydra``'s."""
+    """The resolved run config stored in the run's ``last.ckpt`` (else its newest checkpoint), else ``.hydra``'s."""
+    import torch
+    import yaml
+
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
-    for ckpt in ckpts[:1]:
-        import torch
-
-        return torch.load(ckpt, map_location="cpu", weights_only=True).get("run_config")
+    if ckpts:
+        return torch.load(ckpts[0], map_location="cpu", weights_only=True).get("run_config")
     if (cfg := run / ".hydra" / "config.yaml").is_file():
-        import yaml
-
         return yaml.safe_load(cfg.read_text())
     return None
 

@@ -273,9 +273,17 @@ class DiffusionModel(RunModule):
         return (images, out.nfe) if return_nfe else images
 
     # ------------------------------------------------------------------ training
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        """The recipe's mean loss on a batch of (images, labels) in ``stage`` (``train`` or ``val``), logged."""
+    def loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
+        """The recipe's per-sample training loss on ``x0`` (in the space it diffuses in, :meth:`encode`d)."""
         raise NotImplementedError
+
+    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        """The mean of :meth:`loss` on a batch of (images, labels) in ``stage`` (``train``: labels dropped for
+        guidance; or ``val``), logged as ``<stage>/loss``."""
+        x, y = batch
+        loss = self.loss(self.encode(x), self.drop_labels(y) if stage == "train" else y).mean()
+        self.log_loss(loss, stage, len(x))
+        return loss
 
     def log_loss(self, loss: Tensor, stage: str, batch_size: int) -> None:
         """``<stage>/loss``: per step in training (through the NaN/Inf watch), the mean over ranks in validation."""

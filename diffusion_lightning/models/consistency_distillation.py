@@ -21,7 +21,7 @@ from diffusion_lightning.diffusion.consistency import (
 from diffusion_lightning.diffusion.denoisers import append_dims
 from diffusion_lightning.errors import UserError
 
-from .consistency_training import perceptual_distance, perceptual_on
+from .consistency_training import DistanceChoice
 from .student import StudentModel
 
 
@@ -73,8 +73,7 @@ class ConsistencyDistillation(StudentModel):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.sigmas = karras_levels(num_levels, sigma_min, sigma_max, rho)
         self.solver, self.mu, self.huber_c = solver, mu, huber_c
-        self.distance, perceptual = perceptual_distance(distance, lpips)
-        self._perceptual = [perceptual] if perceptual is not None else []  # unregistered: not in checkpoints
+        self.distance = DistanceChoice(distance, lpips)
         self.sigma_min, self.sigma_max, self.mid_sigmas = sigma_min, sigma_max, tuple(mid_sigmas)
         self.target_net = copy.deepcopy(self.net).requires_grad_(False) if mu > 0 else None
 
@@ -86,9 +85,6 @@ class ConsistencyDistillation(StudentModel):
     def denoiser(self) -> ConsistencyFunction:
         return self.consistency_function()
 
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.teacher]
-
     def loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
         """Per-sample d(f(x_{n+1}, sigma_{n+1}), sg f^-(x^_n, sigma_n)) with x^_n one teacher ODE step from x_{n+1}."""
         n = torch.randint(0, len(self.sigmas) - 1, (x0.shape[0],))
@@ -97,15 +93,9 @@ class ConsistencyDistillation(StudentModel):
         with torch.no_grad():
             x_lo = ode_step(self.teacher_denoiser(), x_hi, hi, lo, y, self.solver)
         f_target = self.consistency_function(self.target_net)
-        shared, perceptual = self.target_net is None, perceptual_on(self._perceptual, x0.device)
-        return consistency_loss(self.denoiser(), f_target, x_hi, hi, x_lo, lo, x0, y, self.distance, self.huber_c,
-                                shared_dropout=shared, perceptual=perceptual).float()  # fmt: skip
-
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        x, y = batch
-        loss = self.loss(self.encode(x), self.drop_labels(y) if stage == "train" else y).mean()
-        self.log_loss(loss, stage, len(x))
-        return loss
+        return consistency_loss(self.denoiser(), f_target, x_hi, hi, x_lo, lo, x0, y, self.distance.kind, self.huber_c,
+                                shared_dropout=self.target_net is None,
+                                perceptual=self.distance.network(x0.device)).float()  # fmt: skip
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)

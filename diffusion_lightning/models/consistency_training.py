@@ -84,15 +84,15 @@ class ConsistencyTraining(DiffusionModel):
             raise UserError(f"weighting is uniform or inverse_gap, got {weighting!r}")
         if not 0.0 <= mu0 < 1.0:
             raise UserError(f"mu0 is a decay in [0, 1), got {mu0}")
-        distance_kind, perceptual = perceptual_distance(distance, lpips)
-        self._perceptual = [perceptual] if perceptual is not None else []  # unregistered: not in checkpoints
+        self.distance = DistanceChoice(distance, lpips)
         self.curriculum, self.total_steps, self.s0, self.s1, self.mu0 = curriculum, int(total_steps), s0, s1, mu0
         self.level_sampling, self.p_mean, self.p_std, self.weighting = level_sampling, p_mean, p_std, weighting
-        self.distance, self.huber_c = distance_kind, huber_c
+        self.huber_c = huber_c
         self.sigma_data, self.sigma_min, self.sigma_max, self.rho = sigma_data, sigma_min, sigma_max, rho
         self.mid_sigmas = tuple(mid_sigmas)
         # CT's target network theta^- (an EMA of the weights); iCT uses the weights themselves
         self.target_net = copy.deepcopy(net).requires_grad_(False) if mu0 > 0 else None
+        self._levels: tuple[int, Tensor, Tensor | None] | None = None  # the current N's levels (see levels)
 
     def forward(self, x: Tensor, c_noise: Tensor, y: Tensor | None = None) -> Tensor:
         return self.network(x, c_noise, y if self.num_classes else None)
@@ -116,11 +116,22 @@ class ConsistencyTraining(DiffusionModel):
         """mu(k) of CT's target network (0 without one)."""
         return ct_target_decay(k, self.total_steps, self.s0, self.s1, self.mu0) if self.mu0 > 0 else 0.0
 
+    def levels(self, k: int) -> tuple[Tensor, Tensor | None]:
+        """The N(k) Karras levels of step k and, for lognormal sampling, the probabilities of their pairs (made again
+        only when N changes)."""
+        n = self.num_levels(k)
+        if self._levels is None or self._levels[0] != n:
+            sigmas = karras_levels(n, self.sigma_min, self.sigma_max, self.rho)
+            lognormal = self.level_sampling == "lognormal"
+            probs = lognormal_level_probs(sigmas, self.p_mean, self.p_std) if lognormal else None
+            self._levels = (n, sigmas, probs)
+        return self._levels[1], self._levels[2]
+
     def level_pairs(self, batch: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(sigma_i, sigma_{i+1}) for ``batch`` samples at step k, drawn from the curriculum's levels."""
-        sigmas = karras_levels(self.num_levels(k), self.sigma_min, self.sigma_max, self.rho)
-        if self.level_sampling == "lognormal":
-            i = torch.multinomial(lognormal_level_probs(sigmas, self.p_mean, self.p_std), batch, replacement=True)
+        sigmas, probs = self.levels(k)
+        if probs is not None:
+            i = torch.multinomial(probs, batch, replacement=True)
         else:
             i = torch.randint(0, len(sigmas) - 1, (batch,))
         return sigmas[i].to(device), sigmas[i + 1].to(device)
@@ -132,15 +143,13 @@ class ConsistencyTraining(DiffusionModel):
         lo_, hi_ = lo.to(x0.dtype), hi.to(x0.dtype)
         x_hi, x_lo = x0 + append_dims(hi_, x0.ndim) * z, x0 + append_dims(lo_, x0.ndim) * z
         f_target = self.consistency_function(self.target_net)
-        d = consistency_loss(self.denoiser(), f_target, x_hi, hi_, x_lo, lo_, x0, y, self.distance, self.huber_c,
-                             perceptual=perceptual_on(self._perceptual, x0.device))  # fmt: skip
+        d = consistency_loss(self.denoiser(), f_target, x_hi, hi_, x_lo, lo_, x0, y, self.distance.kind, self.huber_c,
+                             perceptual=self.distance.network(x0.device))  # fmt: skip
         weight = (hi - lo).reciprocal() if self.weighting == "inverse_gap" else torch.ones_like(hi)
         return weight.float() * d.float()
 
     def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        x0, y = batch
-        loss = self.loss(x0, self.drop_labels(y) if stage == "train" else y).mean()
-        self.log_loss(loss, stage, len(x0))
+        loss = super().shared_step(batch, stage)
         if stage == "train":
             self.log("train/num_levels", float(self.num_levels(self.global_step)), batch_size=1)
         return loss
@@ -151,25 +160,28 @@ class ConsistencyTraining(DiffusionModel):
             ema_update(self.target_net, self.net, self.target_decay(self.global_step - 1))
 
 
-def perceptual_on(holder: list[nn.Module], device: torch.device) -> nn.Module | None:
-    """The LPIPS network held outside the module tree (so checkpoints neither hold nor need it), on ``device``."""
-    if not holder:
-        return None
-    holder[0] = holder[0].to(device)
-    return holder[0]
+class DistanceChoice:
+    """A distance by name (:func:`~diffusion_lightning.diffusion.consistency.distance`); for ``lpips`` the LPIPS
+    network from local weight files (never downloaded: without them the error says how to get them), held outside the
+    module tree, so checkpoints neither hold nor need it, and moved to the data's device when used."""
 
+    def __init__(self, kind: str, lpips: Mapping[str, str] | None = None) -> None:
+        if kind not in ("l2", "l1", "pseudo_huber", "lpips"):
+            raise UserError(f"unknown distance {kind!r}: use pseudo_huber, l2, l1 or lpips")
+        self.kind: Distance = kind  # type: ignore[assignment]
+        self._network: nn.Module | None = None
+        if kind == "lpips":
+            if not lpips:
+                raise UserError("model.distance=lpips needs local LPIPS weights (no package here ships them and "
+                                "nothing is downloaded at run time): set model.lpips={backbone_weights: "
+                                "<vgg16-397923af.pth>, lin_weights: <lpips vgg.pth>}, or use "
+                                "model.distance=pseudo_huber (iCT's)")  # fmt: skip
+            from diffusion_lightning.nets.lpips import LPIPS
 
-def perceptual_distance(kind: str, lpips: Mapping[str, str] | None) -> tuple[Distance, nn.Module | None]:
-    """``kind`` checked against the distances there are, and for ``lpips`` the LPIPS network from local weights
-    (never downloaded: without them the error says how to get them)."""
-    if kind not in ("l2", "l1", "pseudo_huber", "lpips"):
-        raise UserError(f"unknown distance {kind!r}: use pseudo_huber, l2, l1 or lpips")
-    if kind != "lpips":
-        return kind, None  # type: ignore[return-value]
-    if not lpips:
-        raise UserError("model.distance=lpips needs local LPIPS weights (no package here ships them and nothing is "
-                        "downloaded at run time): set model.lpips={backbone_weights: <vgg16-397923af.pth>, "
-                        "lin_weights: <lpips vgg.pth>}, or use model.distance=pseudo_huber (iCT's)")  # fmt: skip
-    from diffusion_lightning.nets.lpips import LPIPS
+            self._network = LPIPS(**lpips).requires_grad_(False)
 
-    return "lpips", LPIPS(**lpips).requires_grad_(False)
+    def network(self, device: torch.device) -> nn.Module | None:
+        """The LPIPS network on ``device`` (None for the other distances)."""
+        if self._network is not None:
+            self._network = self._network.to(device)
+        return self._network

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffusion_lightning.diffusion.consistency import ConsistencyFunction, consistency_loss, ect_r
 from diffusion_lightning.diffusion.denoisers import append_dims
@@ -66,9 +66,6 @@ class ConsistencyTuning(StudentModel):
         inner = self.vp_denoiser(self.net, self.teacher_prediction_type)
         return ConsistencyFunction(inner, self.sigma_min, self.sigma_max, self.mid_sigmas)
 
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.teacher]
-
     def stage(self, step: int) -> int:
         """The stage of optimizer step ``step``: the gap t - r halves (q = 2) from one to the next."""
         return step // self.steps_per_stage
@@ -85,9 +82,7 @@ class ConsistencyTuning(StudentModel):
         return d.float() / (t - r).float()
 
     def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        x, y = batch
-        loss = self.loss(self.encode(x), self.drop_labels(y) if stage == "train" else y).mean()
-        self.log_loss(loss, stage, len(x))
+        loss = super().shared_step(batch, stage)
         if stage == "train":
             self.log("train/ect_stage", float(self.stage(self.global_step)), batch_size=1)
         return loss

@@ -62,9 +62,3 @@ class ContinuousDiffusion(DiffusionModel):
         x = x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0)
         x0_hat = self.denoiser()(x, sigma.to(x0.dtype), y)
         return loss_weight(sigma, self.weighting).float() * mean_flat((x0_hat.float() - x0.float()) ** 2)
-
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        x0, y = batch
-        loss = self.loss(x0, self.drop_labels(y) if stage == "train" else y).mean()
-        self.log_loss(loss, stage, len(x0))
-        return loss
