@@ -17,6 +17,16 @@ from omegaconf import OmegaConf  # noqa: E402
 OmegaConf.register_new_resolver("dl_cwd", os.getcwd, replace=True)
 
 
+def run_id(stamp: str) -> str:
+    """``${dl_run_id:${now:...}}``, the name of a run folder: ``slurm-<job id>[.<step id>]`` inside a SLURM job, so
+    that every rank ``srun`` starts and every restart of a requeued job agree on it; the time ``stamp`` elsewhere."""
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
+    return stamp if not job else f"slurm-{job}" + (f".{step}" if step else "")
+
+
+OmegaConf.register_new_resolver("dl_run_id", run_id, replace=True)
+
+
 def cpu_precision() -> str:
     """``bf16-mixed`` where the CPU computes in bfloat16 natively (AVX512-BF16 or AMX: about 2x the float32 training
     throughput there), else ``32-true`` (emulated bfloat16 is slower than float32). ``${dl_cpu_precision:}`` in

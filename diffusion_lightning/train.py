@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import warnings
@@ -20,9 +21,12 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.strategies.launchers import subprocess_script as _subprocess_launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import check_compatible, load_checkpoint
@@ -58,6 +62,20 @@ class _DropThirdPartyNotes(logging.Filter):
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropThirdPartyNotes())
+
+
+def rank_command(local_rank: int) -> tuple[list[str], str]:
+    """The command Lightning's DDP launcher starts local rank ``local_rank`` > 0 with: this job's own overrides in
+    Hydra's run mode, in this job's run folder, writing no second config. Lightning's own re-runs ``sys.argv``, which
+    for a multirun (``-m``) is the whole sweep: every rank would start another sweep in another folder."""
+    job = HydraConfig.get()
+    command = [sys.executable, "-m", "diffusion_lightning.train", *job.overrides.task,
+               f"hydra.run.dir={job.runtime.output_dir}", f"hydra.job.name=train_ddp_process_{local_rank}",
+               "hydra.output_subdir=null"]  # fmt: skip
+    return command, hydra.utils.get_original_cwd()
+
+
+_subprocess_launcher._hydra_subprocess_cmd = rank_command
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -150,12 +168,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 cfg.model[model_key] = checkpoint
             if cfg.get("seed") is not None:
                 L.seed_everything(cfg.seed, workers=True)  # stage 2 draws as it would without a stage 1 before it
+    with open_dict(cfg):
+        cfg.ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     if cfg.get("ckpt_path") and (run := run_folder_of(cfg.ckpt_path)) and run != Path(cfg.paths.output_dir).resolve():
         continue_in(run, cfg)
     model = instantiate(cfg.model, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    model.nonfinite = cfg.get("nonfinite", "stop")
+    if model.nonfinite not in ("stop", "skip") or (model.nonfinite == "skip" and not model.automatic_optimization):
+        raise UserError(f"nonfinite={model.nonfinite}: use stop, or skip (models with automatic optimization only)")
     if cfg.get("ckpt_path"):
         check_compatible(load_checkpoint(cfg.ckpt_path), model, cfg.ckpt_path)
+
+    check_run_folder(Path(cfg.paths.output_dir), model)
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
@@ -174,7 +199,57 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "experiment": cfg.get("run_name"), "data": _data_key(cfg.data),
                 "test": test_metrics[0] if test_metrics else None}
         (Path(cfg.paths.output_dir) / FINISHED).write_text(json.dumps(info, indent=1) + "\n")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # the next job of a multirun in this process starts its own ranks and process group
+        trainer.strategy.barrier("run_finished")
+        torch.distributed.destroy_process_group()
     return {"trainer": trainer, "model": model, "datamodule": datamodule}
+
+
+def check_run_folder(folder: Path, model: L.LightningModule) -> None:
+    """Fail before training when the run folder cannot be written or its disk cannot hold two checkpoints (the one
+    being written beside the last one): eight bytes per parameter byte (weights, EMA and Adam's two moments, twice)
+    and 64 MiB for grids and logs."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {folder} ({e.strerror or e}): point paths.log_dir (or "
+                        "paths.output_dir) at a writable folder") from None  # fmt: skip
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    need, free = 8 * params + 64 * 2**20, shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(f"{free / 2**20:.0f} MiB free on the disk of {folder}, and a run of this model needs about "
+                        f"{need / 2**20:.0f} MiB for its checkpoints: free space or point paths.log_dir at another "
+                        "disk")  # fmt: skip
+
+
+def newest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint of a run folder (or of its ``checkpoints/``): the last one written, by time."""
+    folder = Path(folder)
+    found = [*folder.glob("checkpoints/*.ckpt"), *folder.glob("*.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """What to resume from: ``last`` is the newest checkpoint of this run's own folder, or a fresh start when it has
+    none (a job that may be restarted: always pass it); a run folder is its newest checkpoint; a file is itself.
+    Unset in a restarted SLURM job (``SLURM_RESTART_COUNT`` > 0) it is ``last``: a requeued job resumes by itself."""
+    if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        ckpt_path = "last"
+    if ckpt_path == "last":
+        found = newest_checkpoint(output_dir)
+        log.info(f"ckpt_path=last: resuming from {found}" if found else
+                 f"ckpt_path=last: no checkpoint in {output_dir} yet, starting fresh")  # fmt: skip
+        return str(found) if found else None
+    if ckpt_path is not None and Path(ckpt_path).is_dir():
+        if (found := newest_checkpoint(ckpt_path)) is None:
+            raise UserError(f"ckpt_path={ckpt_path} is a folder without checkpoints (*.ckpt, checkpoints/*.ckpt)")
+        log.info(f"ckpt_path={ckpt_path}: resuming from its newest checkpoint, {found}")
+        return str(found)
+    return ckpt_path
 
 
 def run_folder_of(ckpt_path: str | Path) -> Path | None:
@@ -213,7 +288,7 @@ def drop_empty_run(folder: Path) -> bool:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    fresh = Path(cfg.paths.output_dir)
+    fresh, environ = Path(cfg.paths.output_dir), dict(os.environ)
     try:
         result = run_or_exit(train, cfg)
     except BaseException:
@@ -223,6 +298,10 @@ def main(cfg: DictConfig) -> None:
     finally:
         if Path(cfg.paths.output_dir) != fresh:  # resumed in the checkpoint's run folder (continue_in)
             drop_empty_run(fresh)
+        # Lightning's DDP launcher leaves LOCAL_RANK, MASTER_PORT, ... set: the next job of a multirun in this
+        # process would take them for an external launcher and wait for ranks that nobody starts
+        os.environ.clear()
+        os.environ.update(environ)
     if not result["trainer"].is_global_zero:
         return
     grid = next((c for c in result["trainer"].callbacks if hasattr(c, "last_path")), None)

@@ -59,7 +59,11 @@ def compose_train(tmp_path: Path) -> Callable[..., DictConfig]:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """20 smooth 8x8 grayscale images (random blobs) in a folder."""
-    folder = tmp_path / "images"
+    return make_image_folder(tmp_path / "images")
+
+
+def make_image_folder(folder: Path) -> Path:
+    """Write the 20 images of :func:`image_folder` into ``folder``."""
     folder.mkdir()
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:8, 0:8]
@@ -81,3 +85,44 @@ def folder_data(folder: Path, batch_size: int = 4) -> list[str]:
         "data.random_flip=false",
         "model.net.in_channels=1",
     ]
+
+
+# ---------------------------------------------------------------------------------------------- make faults
+# Tests marked ``@pytest.mark.fault(scenario, expected)`` are the fault scenarios; they note what they saw with the
+# ``observed`` fixture, and `make faults` (pytest -m fault) prints them as a table.
+_FAULTS: list[tuple[str, str, str, str]] = []
+
+
+@pytest.fixture
+def observed(request: pytest.FixtureRequest) -> list[str]:
+    """What a fault test saw, in words (one entry per check), for the `make faults` table."""
+    request.node.observed = []
+    return request.node.observed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("fault")
+    if marker is None or not (report.when == "call" or (report.when == "setup" and not report.passed)):
+        return
+    seen = "; ".join(getattr(item, "observed", []))
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        seen = f"{seen}; " * bool(seen) + (crash.message.splitlines()[0] if crash else "failed")
+    elif report.skipped:
+        seen = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else "skipped"
+    status = "pass" if report.passed else "skipped" if report.skipped else "FAIL"
+    _FAULTS.append((marker.args[0], marker.args[1], seen, status))
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    if not _FAULTS:
+        return
+    write = terminalreporter.write_line  # type: ignore[attr-defined]
+    write("")
+    write("| scenario | expected | observed | result |")
+    write("|---|---|---|---|")
+    for row in _FAULTS:
+        write("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")

@@ -433,6 +433,12 @@ def test_epoch_sampler_order_is_a_function_of_seed_and_epoch_and_splits_across_r
     ranks = [list(EpochSampler(data, num_replicas=3, rank=r, seed=3)) for r in range(3)]
     assert all(len(r) == 7 for r in ranks)  # 23 // 3: the tail is dropped so ranks stay in step
     assert len(set().union(*ranks)) == 21
+    # with batches: rank r's i-th batch is the r-th part of the i-th batch of one process with the global batch
+    one_process = list(EpochSampler(data, seed=3, batch_size=6))
+    assert len(one_process) == 18  # 3 whole global batches of 6
+    ranks = [list(EpochSampler(data, num_replicas=3, rank=r, seed=3, batch_size=2)) for r in range(3)]
+    for i in range(3):
+        assert sum((r[2 * i : 2 * i + 2] for r in ranks), []) == one_process[6 * i : 6 * i + 6]
 
     resumed = EpochSampler(data, seed=3)
     resumed.skip = 8

@@ -5,6 +5,7 @@ from .ema import EMA, ema_module
 from .metrics import SampleMetrics
 from .progress import PlainProgress, ProgressBar, progress_bar
 from .reconstruction_grid import ReconstructionGrid
+from .requeue import Requeue
 from .sample_grid import SampleGrid
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "PlainProgress",
     "ProgressBar",
     "ReconstructionGrid",
+    "Requeue",
     "SampleGrid",
     "SampleMetrics",
     "ema_module",

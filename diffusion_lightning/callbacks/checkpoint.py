@@ -47,6 +47,11 @@ class ModelCheckpoint(_ModelCheckpoint):
         trainer.strategy.barrier("checkpoint_renamed")
         self._last_checkpoint_saved = filepath
 
+    def save_last_now(self, trainer: L.Trainer) -> str:
+        """Write ``last.ckpt`` now, whatever the schedule (on preemption, :class:`~.requeue.Requeue`); its path."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self.last_model_path
+
     def _save_last_if_due(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

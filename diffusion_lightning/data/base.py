@@ -75,14 +75,20 @@ class TensorImageDataset(Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """The training order: a permutation drawn from ``seed + epoch`` alone (as ``DistributedSampler``: this rank takes
-    every ``num_replicas``-th index), so it never touches torch's global generator. ``skip`` drops this rank's first
-    indices in the next pass only: a run resumed mid-epoch continues the epoch where it stopped."""
+    """The training order: a permutation drawn from ``seed + epoch`` alone (as ``DistributedSampler``), so it never
+    touches torch's global generator, cut into global batches of ``num_replicas * batch_size`` of which rank r takes
+    the r-th ``batch_size`` (incomplete global batches are dropped). So W ranks see each global batch a one-process run
+    with batch W B sees, in its order (see :mod:`~diffusion_lightning.models.global_batch`). ``skip`` drops this
+    rank's first indices in the next pass only: a run resumed mid-epoch continues the epoch where it stopped."""
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0) -> None:
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0,
+        batch_size: int = 1,
+    ) -> None:  # fmt: skip
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.epoch = epoch
-        self.skip = 0
+        self.epoch, self.batch_size, self.skip = epoch, batch_size, 0
+        self.num_samples = len(dataset) // (num_replicas * batch_size) * batch_size  # type: ignore[arg-type]
+        self.total_size = self.num_samples * num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -90,9 +96,11 @@ class EpochSampler(DistributedSampler):
         super().set_epoch(epoch)
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip :]
-        self.skip = 0
-        return iter(indices)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g)[: self.total_size]  # type: ignore[arg-type]
+        mine = order.view(-1, self.num_replicas, self.batch_size)[:, self.rank].reshape(-1).tolist()
+        self.skip, skip = 0, self.skip
+        return iter(mine[skip:])
 
 
 def batch_generator(*key: int) -> torch.Generator:
@@ -297,7 +305,7 @@ class ImageDataModule(L.LightningDataModule, ABC):
                 f"x {world} device(s) (the train loader drops incomplete batches, so it would be empty)"
             )
         epoch, batches = self._position
-        self._sampler = EpochSampler(dataset, world, rank, seed=self.seed, epoch=epoch)
+        self._sampler = EpochSampler(dataset, world, rank, seed=self.seed, epoch=epoch, batch_size=self.batch_size)
         self._sampler.skip = batches * self.batch_size
         return self._loader(dataset, self._sampler)
 
@@ -312,7 +320,7 @@ class ImageDataModule(L.LightningDataModule, ABC):
     # ------------------------------------------------------------------ augmentation and resumption
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> Any:
         """Count the training batch (the place :meth:`state_dict` saves) and flip it (``random_flip``): each image
-        with probability 1/2, drawn from ``(seed, epoch, batch, rank)``."""
+        with probability 1/2, drawn from ``(seed, epoch, batch)`` for the global batch."""
         trainer = self.trainer
         if trainer is None or not trainer.training or self._sampler is None:
             return batch
@@ -321,8 +329,10 @@ class ImageDataModule(L.LightningDataModule, ABC):
         if not self.random_flip:
             return batch
         images, labels = batch
-        g = batch_generator(self.seed, epoch, done, trainer.global_rank)
-        flip = (torch.rand(len(images), generator=g) < 0.5).to(images.device)
+        # drawn for the global batch (this rank's rows kept), so flips do not depend on the number of ranks
+        g, rank = batch_generator(self.seed, epoch, done, 0), trainer.global_rank
+        flip = (torch.rand(len(images) * trainer.world_size, generator=g) < 0.5)[rank * len(images) :]
+        flip = flip[: len(images)].to(images.device)
         return torch.where(flip[:, None, None, None], images.flip(-1), images), labels
 
     def state_dict(self) -> dict[str, int]:

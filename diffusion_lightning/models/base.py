@@ -26,6 +26,8 @@ from diffusion_lightning.diffusion import Denoiser, Guided, sample
 from diffusion_lightning.diffusion.sampling import check_sampler
 from diffusion_lightning.errors import UserError
 
+from .global_batch import GlobalBatchDraws
+
 log = logging.getLogger(__name__)
 
 #: Written into every checkpoint; 1 (absent) = before the denoiser contract (issue 14). See
@@ -53,6 +55,12 @@ class RunModule(L.LightningModule):
         # The resolved run config (set by the training entry); saved so a checkpoint rebuilds its model.
         self.run_config: dict[str, Any] | None = None
         self._first_nonfinite_step: Tensor | None = None  # see watch_finite
+        self._shared_rng: dict[str, torch.Generator] | None = None  # see share_rng
+        # A non-finite loss: "stop" the run (the checkpoints before it kept) or "skip" the step (set by the training
+        # entry from the run config's ``nonfinite``; see optimizer_step).
+        self.nonfinite = "stop"
+        self.skipped_steps = 0
+        self._skips_in_a_row = 0
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
@@ -98,6 +106,9 @@ class RunModule(L.LightningModule):
             checkpoint["run_config"] = self.run_config
         checkpoint["format"] = CHECKPOINT_FORMAT
         checkpoint["rng_states"] = _rng_states()
+        checkpoint["skipped_steps"] = self.skipped_steps
+        if self._shared_rng is not None:
+            checkpoint["shared_rng_states"] = {kind: g.get_state() for kind, g in self._shared_rng.items()}
         if rebuild := self.rebuild_kwargs():
             checkpoint["rebuild_kwargs"] = rebuild
 
@@ -106,13 +117,60 @@ class RunModule(L.LightningModule):
         (a first stage, a teacher) is replaced by their stored configs, the weights then come from the state dict."""
         return {}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """With ``nonfinite="skip"``: the forward and backward run first, and the update is skipped (the step still
+        counts, as a gradient scaler's skipped steps do) when the gradient is not finite. Gradients are checked, not
+        the loss: under DDP they are the same on every rank after their all-reduce, so all ranks skip together.
+        Skips are counted (``train/skipped_steps``, in checkpoints); 20 in a row stop the run."""
+        if self.nonfinite != "skip" or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            self._skips_in_a_row = 0
+            return optimizer.step(closure=lambda: loss)
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        optimizer.zero_grad()
+        log.warning(f"non-finite gradient at global step {self.global_step}: update skipped "
+                    f"({self.skipped_steps} skipped so far)")  # fmt: skip
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        if self._skips_in_a_row >= 20:
+            raise FloatingPointError(
+                f"20 steps in a row with a non-finite gradient, up to global step {self.global_step}: lower "
+                "model.optimizer.lr or check the data. Checkpoints written before are kept."
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         # Restoring the RNG makes a resumed run draw the same data order, t and noise as an
         # uninterrupted one (exact when resuming at an epoch boundary on one process).
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
-            if self._trainer is not None and self.trainer.world_size > 1 and self.global_rank > 0:
-                torch.manual_seed(int(torch.randint(2**31, (1,))) + 1000003 * self.global_rank)
+            if self._trainer is not None and self.trainer.world_size > 1:
+                self.share_rng(checkpoint.get("shared_rng_states"))
+                if self.global_rank > 0:
+                    torch.manual_seed(int(torch.randint(2**31, (1,))) + 1000003 * self.global_rank)
+
+    def share_rng(self, states: dict[str, Tensor] | None = None) -> None:
+        """Under DDP: the generators all ranks share for the global batch's draws (:meth:`global_batch_draws`), from
+        ``states`` (a checkpoint's) or a copy of the default generators' state, which every rank has equal here."""
+        device, strategy = self.trainer.strategy.root_device, self.trainer.strategy
+        self._shared_rng = {"cpu": torch.Generator()}
+        self._shared_rng["cpu"].set_state(strategy.broadcast(torch.get_rng_state()))  # rank 0's (an unseeded run)
+        if device.type == "cuda":
+            self._shared_rng["cuda"] = torch.Generator(device=device)
+            self._shared_rng["cuda"].set_state(strategy.broadcast(torch.cuda.get_rng_state(device)))
+        for kind, state in (states or {}).items():
+            if kind in self._shared_rng:
+                self._shared_rng[kind].set_state(state)
+
+    def global_batch_draws(self, batch_size: int) -> contextlib.AbstractContextManager:
+        """Under DDP, the per-sample draws inside are made for the global batch and sliced to this rank's rows
+        (:class:`~diffusion_lightning.models.global_batch.GlobalBatchDraws`); a no-op on one process."""
+        if self._trainer is None or self.trainer.world_size == 1 or self._shared_rng is None:
+            return contextlib.nullcontext()
+        return GlobalBatchDraws(batch_size, self.trainer.world_size, self.global_rank, self._shared_rng)
 
 
 class DiffusionModel(RunModule):
@@ -286,14 +344,17 @@ class DiffusionModel(RunModule):
         return loss
 
     def log_loss(self, loss: Tensor, stage: str, batch_size: int) -> None:
-        """``<stage>/loss``: per step in training (through the NaN/Inf watch), the mean over ranks in validation."""
+        """``<stage>/loss``, the mean over ranks: in training per step (through the NaN/Inf watch; under DDP averaged
+        at logging steps only, the others show rank 0's), in validation per epoch."""
         train = stage == "train"
-        if train:
+        if train and self.nonfinite == "stop":
             self.watch_finite(loss)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=not train)
+        sync = not train or (self._trainer is not None and self.trainer.world_size > 1 and self.is_logging_step())
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=sync)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
+        with self.global_batch_draws(len(batch[0])):
+            return self.shared_step(batch, "train")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # The same t and noise for a batch at every validation (a smoother curve), drawn outside training's
@@ -334,9 +395,15 @@ class DiffusionModel(RunModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), batch_size=1)
 
     def setup(self, stage: str) -> None:
-        # Distinct noise and timesteps on every DDP rank (rank 0 keeps the seeded stream).
-        if stage == "fit" and self.trainer.world_size > 1 and self.global_rank > 0:
-            torch.manual_seed(torch.initial_seed() + 1000003 * self.global_rank)
+        if stage != "fit":
+            return
+        # Training draws start from the seed itself, as Lightning's DDP set-up reseeds after the model was built:
+        # one process and W processes then draw the same numbers (models/global_batch.py).
+        torch.manual_seed(torch.initial_seed())
+        if self.trainer.world_size > 1:
+            self.share_rng()  # the global batch's draws, then distinct per-rank streams (dropout; rank 0 keeps its own)
+            if self.global_rank > 0:
+                torch.manual_seed(torch.initial_seed() + 1000003 * self.global_rank)
 
 
 

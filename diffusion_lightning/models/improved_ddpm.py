@@ -60,7 +60,8 @@ class ImprovedDDPM(DDPM):
         return {**terms, "t": t, "weights": weights}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, terms = self.loss_and_terms(batch, "train")
+        with self.global_batch_draws(len(batch[0])):
+            loss, terms = self.loss_and_terms(batch, "train")
         if isinstance(self.timestep_sampler, LossSecondMomentResampler):
             # Every rank keeps the same history: record the whole global batch's terms.
             t, vlb = terms["t"].detach(), terms["vlb"].detach()

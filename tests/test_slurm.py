@@ -1,0 +1,110 @@
+"""Training through a real SLURM scheduler: a one-node cluster on this machine (scripts/slurm_cluster.sh), jobs
+submitted by Hydra's submitit launcher (``-m hydra/launcher=slurm``), ranks started by ``srun``.
+
+Where no cluster can be started here (no apt and no slurm-wlm, not root) the tests are skipped and say why, unless
+``DL_REQUIRE_SLURM=1`` (CI sets it): then that is a failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_NET, folder_data
+from test_train import _assert_same_training_state
+
+from diffusion_lightning.checkpoint import load_checkpoint
+
+SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment of a running one-node cluster (its SLURM_CONF), stopped after the module's tests."""
+    state = tmp_path_factory.mktemp("slurm")
+    proc = subprocess.run(["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        said = proc.stderr.strip().splitlines()
+        reason = f"no local SLURM cluster: {said[-1] if said else f'exit code {proc.returncode}'}"
+        if os.environ.get("DL_REQUIRE_SLURM") == "1":
+            pytest.fail(reason + " (DL_REQUIRE_SLURM=1)")
+        pytest.skip(reason)
+    conf = proc.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    env = {**os.environ, "SLURM_CONF": conf, "PATH": f"{os.environ['PATH']}:/usr/sbin",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "DIFFUSION_LIGHTNING_OFFLINE": "1"}  # fmt: skip
+    yield env
+    subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=120)
+
+
+def _command(tmp_path: Path, images: Path, *extra: str) -> list[str]:
+    """A multirun of a tiny model through the submitit SLURM launcher, one CPU per task."""
+    return [
+        sys.executable, "-m", "diffusion_lightning.train", "-m", "hydra/launcher=slurm", "trainer=slurm",
+        "trainer.accelerator=cpu", "trainer.precision=32-true", "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10", *folder_data(images, batch_size=2), *TINY_NET, "data.random_flip=true",
+        "trainer.val_check_interval=null", "trainer.limit_val_batches=1", "callbacks.sample_grid.num_samples=4",
+        "sampler.steps=2", "callbacks.ema.decay=0.9", "model.num_timesteps=50", "model.lr_scheduler.warmup_steps=2",
+        "logger=csv", "callbacks.progress_bar=null", "callbacks.model_summary=null",
+        f"paths.log_dir={tmp_path / 'out'}", *extra,
+    ]  # fmt: skip
+
+
+def _sweep(tmp_path: Path) -> Path:
+    (sweep,) = (tmp_path / "out" / "train" / "multirun").iterdir()
+    return sweep
+
+
+def _logs(sweep: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sweep.glob(".submitit/*/*.out")) + "\n".join(
+        p.read_text(errors="replace") for p in sweep.glob(".submitit/*/*.err")
+    )
+
+
+def test_a_two_task_ddp_job_ends_in_one_run_folder(slurm, image_folder, tmp_path):
+    cmd = _command(tmp_path, image_folder, "hydra.launcher.tasks_per_node=2", "trainer.max_steps=4")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=slurm, capture_output=True, text=True, timeout=300)
+    sweep = _sweep(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:] + _logs(sweep)[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
+    assert json.loads((sweep / "0" / "finished.json").read_text())["global_step"] == 4
+    logs = _logs(sweep)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs and "GLOBAL_RANK: 0, MEMBER: 1/2" in logs  # two ranks, from srun
+
+
+def test_a_sweep_with_a_preempted_job_resumes_it_bitwise(slurm, image_folder, tmp_path):
+    """Two identical jobs of a sweep (``run_name=a,b``); job a gets the scheduler's warning signal (USR2, as before a
+    time limit or a preemption) mid-run: it saves at the end of that batch, is requeued, resumes from its checkpoint
+    and ends with the weights, EMA and optimizer state of job b, which ran uninterrupted."""
+    cmd = _command(tmp_path, image_folder, "run_name=a,b", "trainer.max_steps=24",
+                   "callbacks.model_checkpoint.every_n_train_steps=4", "+callbacks.slow._target_=rank_probe.Slow",
+                   "+callbacks.slow.seconds=0.25")  # fmt: skip
+    sweeper = subprocess.Popen(cmd, cwd=tmp_path, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "out").glob("train/multirun/*/0/checkpoints/step_00000008.ckpt")):
+            assert sweeper.poll() is None and time.monotonic() < deadline, "job a never reached step 8"
+            time.sleep(0.2)
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True).stdout.split()
+        (job_a,) = [j for j in jobs if j.endswith("_0")]
+        subprocess.run(["scancel", "--signal=USR2", job_a], env=slurm, check=True, timeout=30)
+        out, _ = sweeper.communicate(timeout=300)
+    finally:
+        sweeper.kill()
+    sweep = _sweep(tmp_path)
+    assert sweeper.returncode == 0, out[-3000:] + _logs(sweep)[-4000:]
+    logs = _logs(sweep)
+    assert "stopped by SIGUSR2 at step" in logs and "ckpt_path=last: resuming from" in logs, logs[-4000:]
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "finished.json").read_text())["global_step"] == 24
+    _assert_same_training_state(
+        load_checkpoint(sweep / "1" / "checkpoints" / "last.ckpt"),
+        load_checkpoint(sweep / "0" / "checkpoints" / "last.ckpt"),
+    )
