@@ -14,7 +14,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # A fresh install is ~6.1 GiB (torch pulls its CUDA libraries even on CPU): refuse early rather than fail mid-way.
 MIN_FREE_KB ?= 6815744
 
-.PHONY: install train sample test bench lint fmnist-data clean inception-weights feature-net evaluate report
+.PHONY: install train sample test faults slurm-cluster bench lint fmnist-data clean inception-weights feature-net evaluate report
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,16 @@ sample: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# The fault scenarios (killed processes, preemption on the local SLURM cluster, NaN, bad checkpoints and config, disk):
+# their tests, then a table of scenario, expected, observed and result.
+faults: install
+	$(PY) -m pytest -q -p no:warnings -m fault $(ARGS)
+
+# A one-node SLURM cluster on this machine (apt installs slurm-wlm; root): `make slurm-cluster`, then the line it
+# prints last (export SLURM_CONF=...) in your shell; `make slurm-cluster ARGS=stop` stops it.
+slurm-cluster:
+	@bash scripts/slurm_cluster.sh $(or $(ARGS),start)
 
 bench: install
 	$(PY) -m diffusion_lightning.bench $(ARGS)

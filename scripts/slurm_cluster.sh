@@ -83,7 +83,7 @@ start() {
   fi
 
   local node cpus mem port p
-  node=$(hostname -s); cpus=$(nproc)
+  node=$(hostname -s); cpus=$(nproc --all)  # --all: nproc alone honours OMP_NUM_THREADS
   # RealMemory: at least 1 TiB, so that --mem requests bigger than this machine (say submitit's mem_gb=64) run
   # instead of failing at sbatch with "Requested node configuration is not available".
   mem=$(awk '/^MemTotal:/ {m = int($2 / 1024); print (m > 1048576 ? m : 1048576)}' /proc/meminfo)   # MB

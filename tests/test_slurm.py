@@ -78,7 +78,9 @@ def test_a_two_task_ddp_job_ends_in_one_run_folder(slurm, image_folder, tmp_path
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs and "GLOBAL_RANK: 0, MEMBER: 1/2" in logs  # two ranks, from srun
 
 
-def test_a_sweep_with_a_preempted_job_resumes_it_bitwise(slurm, image_folder, tmp_path):
+@pytest.mark.fault("SLURM job signalled mid-run (scancel --signal=USR2)", "saves, requeues, resumes; final state "
+                   "bitwise equal to an uninterrupted job")  # fmt: skip
+def test_a_sweep_with_a_preempted_job_resumes_it_bitwise(slurm, image_folder, tmp_path, observed):
     """Two identical jobs of a sweep (``run_name=a,b``); job a gets the scheduler's warning signal (USR2, as before a
     time limit or a preemption) mid-run: it saves at the end of that batch, is requeued, resumes from its checkpoint
     and ends with the weights, EMA and optimizer state of job b, which ran uninterrupted."""
@@ -104,7 +106,10 @@ def test_a_sweep_with_a_preempted_job_resumes_it_bitwise(slurm, image_folder, tm
     assert "stopped by SIGUSR2 at step" in logs and "ckpt_path=last: resuming from" in logs, logs[-4000:]
     for job in ("0", "1"):
         assert json.loads((sweep / job / "finished.json").read_text())["global_step"] == 24
+    stop = next(line for line in logs.splitlines() if "stopped by SIGUSR2 at step" in line)
+    observed.append(f"job {job_a}: {stop[stop.index('stopped by'):][:40]}..., requeued, resumed, finished at step 24")
     _assert_same_training_state(
         load_checkpoint(sweep / "1" / "checkpoints" / "last.ckpt"),
         load_checkpoint(sweep / "0" / "checkpoints" / "last.ckpt"),
     )
+    observed.append("weights, EMA, Adam state bitwise equal to the uninterrupted job's")

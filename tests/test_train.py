@@ -207,7 +207,8 @@ def test_sample_entry_from_checkpoint(compose_train, image_folder, tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(ema.parameters(), raw.parameters(), strict=True))
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(compose_train, image_folder, tmp_path):
+@pytest.mark.fault("NaN loss (nonfinite=stop)", "stops naming the step; the last good checkpoint stays")
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(compose_train, image_folder, tmp_path, observed):
     class PoisonAtStep(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 3:
@@ -219,14 +220,17 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(compose_train, image_fold
     with open_dict(cfg):
         cfg.callbacks.poison = {"_target_": f"{__name__}.PoisonAtStep"}
     globals()["PoisonAtStep"] = PoisonAtStep
-    with pytest.raises(FloatingPointError, match="global step 3"):
+    with pytest.raises(FloatingPointError, match="global step 3") as info:
         train(cfg)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["current_model_state"].values())
+    observed.append(f"{str(info.value)[:60]}...; last.ckpt at step 3, finite")
 
 
-def test_bad_config_errors(compose_train, image_folder):
+@pytest.mark.fault("unknown config key, unknown experiment, image size the net cannot take",
+                   "a clear error at composition or build")
+def test_bad_config_errors(compose_train, image_folder, observed):
     with pytest.raises(ConfigCompositionException, match="not_a_key"):
         compose_train(["trainer.not_a_key=1"])
     with pytest.raises(ConfigCompositionException, match="no_such_experiment"):
@@ -234,9 +238,12 @@ def test_bad_config_errors(compose_train, image_folder):
     cfg = compose_train(folder_data(image_folder) + TINY_NET + QUIET + ["data.image_size=9"])
     with pytest.raises(InstantiationException, match="divisible"):
         train(cfg)
+    observed.append("ConfigCompositionException naming not_a_key / no_such_experiment; image_size=9: 'divisible'")
 
 
-def test_checkpoint_errors(compose_train, image_folder, tmp_path):
+@pytest.mark.fault("bad checkpoints: other model, other schedule, truncated, pickled code, not Lightning",
+                   "a clear error each, before any step")
+def test_checkpoint_errors(compose_train, image_folder, tmp_path, observed):
     train(compose_train(_fit_overrides(image_folder, max_steps=1)))
     good = tmp_path / "run" / "checkpoints" / "last.ckpt"
     # another architecture
@@ -264,9 +271,13 @@ def test_checkpoint_errors(compose_train, image_folder, tmp_path):
     torch.save({"weights": torch.zeros(1)}, plain)
     with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
         load_checkpoint(plain)
+    observed.append("CheckpointError for each: different model ... written by experiment=ddpm_fmnist / another "
+                    "noise schedule / cannot read ... corrupt, truncated, or ... unsafe unpickling (x2) / not a "
+                    "Lightning checkpoint")  # fmt: skip
 
 
-def test_cli_missing_cifar_is_a_clear_error(tmp_path):
+@pytest.mark.fault("missing data set", "exit 2, no traceback, says where to put it")
+def test_cli_missing_cifar_is_a_clear_error(tmp_path, observed):
     env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "DL_ROOT_DIR": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "diffusion_lightning.train", "experiment=ddpm_cifar"],
@@ -275,6 +286,8 @@ def test_cli_missing_cifar_is_a_clear_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert str(tmp_path / "data") in proc.stderr and "cifar-10" in proc.stderr.lower()
+    said = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    observed.append(f"exit 2: {said[:100]}...")
 
 
 def test_progress_bar_counts_steps_of_step_limited_runs():
@@ -324,7 +337,8 @@ def test_a_failed_run_leaves_no_run_folder(bad, image_folder, tmp_path):
     assert not list((tmp_path / "outputs").glob("train/*/*")), list((tmp_path / "outputs").rglob("*"))
 
 
-def test_a_mistyped_key_gets_the_nearest_keys_suggested(image_folder, tmp_path):
+@pytest.mark.fault("mistyped key on the command line", "exits naming the nearest existing key")
+def test_a_mistyped_key_gets_the_nearest_keys_suggested(image_folder, tmp_path, observed):
     from diffusion_lightning.errors import near_keys
 
     assert near_keys(["experiment=ddpm_fmnist", "model.optimizer.lrr=1"], "train") == {"model.optimizer.lrr": [
@@ -338,6 +352,7 @@ def test_a_mistyped_key_gets_the_nearest_keys_suggested(image_folder, tmp_path):
                           timeout=300)  # fmt: skip
     assert proc.returncode != 0
     assert "the config has no key model.optimizer.lrr: did you mean model.optimizer.lr?" in proc.stderr, proc.stderr
+    observed.append(proc.stderr.strip().splitlines()[-1])
 
 
 def test_a_wrong_image_size_names_the_nearest_sizes_that_work():
@@ -380,7 +395,9 @@ def test_resuming_continues_in_the_checkpoints_run_folder_with_its_curves(image_
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 12
 
 
-def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_one_whole(compose_train, image_folder, tmp_path):
+@pytest.mark.fault("checkpoint write interrupted (in-process)", "last.ckpt unchanged; no stray temporaries")
+def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_one_whole(compose_train, image_folder, tmp_path,
+                                                                          observed):  # fmt: skip
     """Checkpoints go to <name>.tmp and are renamed: a write cut off (here: half the bytes, then an error, as a kill
     would leave it) never replaces last.ckpt."""
     out = train(compose_train(_fit_overrides(image_folder, max_steps=2)))
@@ -399,3 +416,4 @@ def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_one_whole(compo
     assert last.read_bytes() == before and load_checkpoint(last)["global_step"] == 2
     assert not list(last.parent.glob("*.ckpt.tmp")) or (last.parent / "last.ckpt.tmp").stat().st_size < len(before)
     assert not any(p.suffix == ".tmp" for p in last.parent.glob("step_*"))  # finished writes leave no temporaries
+    observed.append("write cut off at half the bytes: last.ckpt byte-identical, loads at step 2")
