@@ -344,13 +344,13 @@ class DiffusionModel(RunModule):
         return loss
 
     def log_loss(self, loss: Tensor, stage: str, batch_size: int) -> None:
-        """``<stage>/loss``, the mean over ranks: in training per step (through the NaN/Inf watch; under DDP averaged
-        at logging steps only, the others show rank 0's), in validation per epoch."""
+        """``<stage>/loss``, the mean over ranks (a scalar all-reduce, no host synchronisation): in training per step
+        (through the NaN/Inf watch), in validation per epoch. (Lightning refuses a key whose ``sync_dist`` changes
+        within an epoch, so training syncs at every step, not at logging steps only.)"""
         train = stage == "train"
         if train and self.nonfinite == "stop":
             self.watch_finite(loss)
-        sync = not train or (self._trainer is not None and self.trainer.world_size > 1 and self.is_logging_step())
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=sync)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         with self.global_batch_draws(len(batch[0])):
