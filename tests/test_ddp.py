@@ -56,7 +56,7 @@ def _train(tmp_path: Path, images: Path, name: str, *extra: str) -> Path:
         folder_data(images) + TINY_NET + [
             "data.random_flip=true", "trainer.max_steps=6", "trainer.val_check_interval=null",
             "trainer.limit_val_batches=1", "callbacks.sample_grid.num_samples=4", "sampler.steps=2",
-            "callbacks.ema.decay=0.9", "model.num_timesteps=50", "model.lr_scheduler.warmup_steps=2",
+            "callbacks.ema.decay=0.9",
             "logger=csv", "trainer.log_every_n_steps=2", "trainer.precision=32-true",
             "callbacks.progress_bar=null", "callbacks.model_summary=null", f"paths.log_dir={tmp_path / 'out'}",
             f"run_name={name}", "+callbacks.probe._target_=rank_probe.SaveRankState",
@@ -81,10 +81,17 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_two_ranks_train_as_one_process_with_the_global_batch(image_folder, tmp_path):
-    one = _train(tmp_path, image_folder, "one", "data.batch_size=4")
+@pytest.mark.parametrize("recipe", [
+    ["model.num_timesteps=50"],  # DDPM: t ~ U{0..T-1} (randint), eps (randn_like)
+    # importance-sampled t (multinomial), the loss history gathered over ranks
+    ["model=iddpm", "model.net.out_channels=2", "model.loss_type=vlb", "model.num_timesteps=50"],
+    ["experiment=ict_fmnist", "model.s0=2", "model.s1=8"],  # iCT: lognormal level pairs (multinomial)
+    ["model=vdiff"],  # continuous time: t ~ U[0, 1] (rand, float64)
+], ids=["ddpm", "iddpm-vlb", "ict", "vdiff"])  # fmt: skip
+def test_two_ranks_train_as_one_process_with_the_global_batch(image_folder, tmp_path, recipe):
+    one = _train(tmp_path, image_folder, "one", "data.batch_size=4", *recipe)
     two = _train(tmp_path, image_folder, "two", "data.batch_size=2", "trainer=ddp", "trainer.accelerator=cpu",
-                 "trainer.devices=2")  # fmt: skip
+                 "trainer.devices=2", *recipe)  # fmt: skip
     # the same loss curve (DDP logs the mean over ranks)
     curve_one, curve_two = _losses(one), _losses(two)
     assert sorted(curve_one) == sorted(curve_two) == [1, 3, 5]  # every 2nd step: the others are not logged
@@ -106,6 +113,7 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(image_folder, tmp_
 def test_a_multirun_of_ddp_jobs_makes_one_folder_per_job(image_folder, tmp_path):
     """Lightning re-runs ``sys.argv`` for the other ranks: for ``-m`` that was the whole sweep again, per rank."""
     sweep = _train(tmp_path, image_folder, "sweep", "-m", "seed=1,2", "data.batch_size=2", "trainer=ddp",
+                   "model.num_timesteps=50",
                    "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2")  # fmt: skip
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     for job in ("0", "1"):
