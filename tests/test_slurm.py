@@ -28,7 +28,10 @@ pytestmark = pytest.mark.slow
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The environment of a running one-node cluster (its SLURM_CONF), stopped after the module's tests."""
     state = tmp_path_factory.mktemp("slurm")
-    proc = subprocess.run(["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=600)
+    # a port of its own, so that a cluster a user started (6817) is left alone
+    ports = {**os.environ, "SLURM_CLUSTER_PORT": "6937"}
+    proc = subprocess.run(["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=600,
+                          env=ports)  # fmt: skip
     if proc.returncode != 0:
         said = proc.stderr.strip().splitlines()
         reason = f"no local SLURM cluster: {said[-1] if said else f'exit code {proc.returncode}'}"
@@ -40,7 +43,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "DIFFUSION_LIGHTNING_OFFLINE": "1"}  # fmt: skip
     yield env
-    subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=120)
+    subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=120, env=ports)
 
 
 def _command(tmp_path: Path, images: Path, *extra: str) -> list[str]:
