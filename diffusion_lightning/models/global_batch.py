@@ -22,6 +22,7 @@ _LIKE = {torch.randn_like: torch.randn, torch.rand_like: torch.rand}
 
 
 def _size(args: tuple[Any, ...]) -> tuple[int, ...]:
+    """The size of ``torch.randn(2, 3)`` or ``torch.randn((2, 3))`` (a size given as ``size=`` is not matched)."""
     return tuple(args[0]) if len(args) == 1 and not isinstance(args[0], int) else tuple(args)
 
 
@@ -57,8 +58,8 @@ class GlobalBatchDraws(TorchFunctionMode):
         if func in (torch.randn, torch.rand) and (size := _size(args))[:1] == (b,):
             out = func((global_b, *size[1:]), generator=self._generator(kwargs.get("device")), **kwargs)
             return self._slice(out)
-        if func is torch.randint and (size := tuple(args[-1]))[:1] == (b,):
-            bounds = args[:-1]
+        if func is torch.randint and args and not isinstance(args[-1], int) and tuple(args[-1])[:1] == (b,):
+            size, bounds = tuple(args[-1]), args[:-1]
             out = func(*bounds, (global_b, *size[1:]), generator=self._generator(kwargs.get("device")), **kwargs)
             return self._slice(out)
         if func is torch.multinomial and len(args) > 1 and args[1] == b:
