@@ -16,7 +16,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf import open_dict
 
 from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
-from diffusion_lightning.errors import CheckpointError
+from diffusion_lightning.errors import CheckpointError, UserError
 from diffusion_lightning.train import train
 
 
@@ -417,3 +417,28 @@ def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_one_whole(compo
     assert not list(last.parent.glob("*.ckpt.tmp")) or (last.parent / "last.ckpt.tmp").stat().st_size < len(before)
     assert not any(p.suffix == ".tmp" for p in last.parent.glob("step_*"))  # finished writes leave no temporaries
     observed.append("write cut off at half the bytes: last.ckpt byte-identical, loads at step 2")
+
+
+def test_ckpt_path_last_and_folders_resolve_to_the_newest_checkpoint(tmp_path, monkeypatch):
+    import time
+
+    from diffusion_lightning.train import resolve_ckpt_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert resolve_ckpt_path("last", run) is None  # nothing yet: a fresh start
+    assert resolve_ckpt_path(None, run) is None
+    with pytest.raises(UserError, match="folder without checkpoints"):
+        resolve_ckpt_path(str(run), run)
+    for name in ("step_00000003.ckpt", "last.ckpt", "step_00000006.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"x")
+        time.sleep(0.01)
+    (run / "checkpoints" / "last.ckpt.tmp").write_bytes(b"half")  # a write that was cut off is never picked
+    newest = str(run / "checkpoints" / "step_00000006.ckpt")
+    assert resolve_ckpt_path("last", run) == newest
+    assert resolve_ckpt_path(str(run), tmp_path / "elsewhere") == newest
+    assert resolve_ckpt_path(str(run / "checkpoints"), tmp_path / "elsewhere") == newest
+    assert resolve_ckpt_path(str(run / "checkpoints" / "last.ckpt"), run) == str(run / "checkpoints" / "last.ckpt")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued job resumes by itself
+    assert resolve_ckpt_path(None, run) == newest
