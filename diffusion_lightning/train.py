@@ -212,7 +212,7 @@ def check_run_folder(folder: Path, model: L.LightningModule) -> None:
     and 64 MiB for grids and logs."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
+        probe = folder / f".write_test.{os.getpid()}"  # one per process: ranks probe the same folder at once
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as e:

@@ -70,15 +70,33 @@ def _logs(sweep: Path) -> str:
     )
 
 
-def test_a_two_task_ddp_job_ends_in_one_run_folder(slurm, image_folder, tmp_path):
-    cmd = _command(tmp_path, image_folder, "hydra.launcher.tasks_per_node=2", "trainer.max_steps=4")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=slurm, capture_output=True, text=True, timeout=300)
+def test_a_two_task_ddp_job_ends_in_one_run_folder_and_survives_a_requeue(slurm, image_folder, tmp_path):
+    """Two ranks from srun, one run folder; the warning signal reaches both, they agree on it at the next logging step
+    (every 5th here), save, and the requeued job resumes there and finishes."""
+    cmd = _command(tmp_path, image_folder, "hydra.launcher.tasks_per_node=2", "trainer.max_steps=20",
+                   "trainer.log_every_n_steps=5", "+callbacks.slow._target_=rank_probe.Slow",
+                   "+callbacks.slow.seconds=0.25")  # fmt: skip
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "out").glob("train/multirun/*/0/csv/*/metrics.csv")):
+            assert job.poll() is None and time.monotonic() < deadline, "the job never started training"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        queue = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True)
+        (job_id,) = queue.stdout.split()
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True, timeout=30)
+        out, _ = job.communicate(timeout=300)
+    finally:
+        job.kill()
     sweep = _sweep(tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:] + _logs(sweep)[-3000:]
+    assert job.returncode == 0, out[-3000:] + _logs(sweep)[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
-    assert json.loads((sweep / "0" / "finished.json").read_text())["global_step"] == 4
+    assert json.loads((sweep / "0" / "finished.json").read_text())["global_step"] == 20
     logs = _logs(sweep)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs and "GLOBAL_RANK: 0, MEMBER: 1/2" in logs  # two ranks, from srun
+    stops = [int(s.split(":")[0]) for s in logs.split("stopped by SIGUSR2 at step ")[1:]]
+    assert stops and all(step % 5 == 0 and step < 20 for step in stops), stops  # both ranks, a logging step
 
 
 @pytest.mark.fault("SLURM job signalled mid-run (scancel --signal=USR2)", "saves, requeues, resumes; final state "

@@ -1,11 +1,12 @@
 """Preemption and time limits: on a signal, save ``last.ckpt`` at the end of the batch, requeue the SLURM job, stop.
 
-The handler only notes the signal; the save happens at the next batch end, where a checkpoint resumes exactly (the
-same point as a periodic one), never in the middle of a step as Lightning's own SLURM handler saves. Under DDP the
-ranks agree on it (one all-reduce of a flag per step), so they save the same step. The restarted job finds the
-checkpoint itself: with ``SLURM_RESTART_COUNT`` > 0 the training entry resumes from ``<run folder>/checkpoints/
-last.ckpt`` (``ckpt_path=last``), and the run folder is the same on a restart (named from the job id under ``srun``,
-the pickled config under the submitit launcher).
+The handler only notes the signal; the save happens at the next batch end (under DDP the next logging step), where
+a checkpoint resumes exactly (the same point as a periodic one), never in the middle of a step as Lightning's own
+SLURM handler saves. Under DDP the ranks agree on it at logging steps (``trainer.log_every_n_steps``: one all-reduce
+of a flag, read back where the step reads its metrics back anyway), so they save the same step. The restarted job
+finds the checkpoint itself: with ``SLURM_RESTART_COUNT`` > 0 the training entry resumes from ``<run folder>/
+checkpoints/last.ckpt`` (``ckpt_path=last``), and the run folder is the same on a restart (named from the job id
+under ``srun``, the pickled config under the submitit launcher).
 
 Signal: USR2 by default, the one the submitit launcher asks SLURM for (``--signal=USR2@<signal_delay_s>``) and one
 NCCL leaves alone; with ``sbatch`` write ``#SBATCH --signal=USR2@120`` (no ``B:``, so that the ``srun`` tasks get it).
@@ -59,6 +60,8 @@ class Requeue(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         received = self._received
         if trainer.world_size > 1:
+            if trainer.global_step % trainer.log_every_n_steps:
+                return  # the ranks agree at logging steps only: reading the flag back is a host-device sync
             flag = torch.tensor(float(received), device=pl_module.device)
             received = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
         if not received:
