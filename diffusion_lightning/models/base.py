@@ -154,10 +154,11 @@ class RunModule(L.LightningModule):
 
     def share_rng(self, states: dict[str, Tensor] | None = None) -> None:
         """Under DDP: the generators all ranks share for the global batch's draws (:meth:`global_batch_draws`), from
-        ``states`` (a checkpoint's) or a copy of the default generators' state, which every rank has equal here."""
+        ``states`` (a checkpoint's) or a copy of rank 0's default generators (broadcast: equal on all ranks even in an
+        unseeded run)."""
         device, strategy = self.trainer.strategy.root_device, self.trainer.strategy
         self._shared_rng = {"cpu": torch.Generator()}
-        self._shared_rng["cpu"].set_state(strategy.broadcast(torch.get_rng_state()))  # rank 0's (an unseeded run)
+        self._shared_rng["cpu"].set_state(strategy.broadcast(torch.get_rng_state()))
         if device.type == "cuda":
             self._shared_rng["cuda"] = torch.Generator(device=device)
             self._shared_rng["cuda"].set_state(strategy.broadcast(torch.cuda.get_rng_state(device)))
