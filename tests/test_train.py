@@ -238,7 +238,12 @@ def test_bad_config_errors(compose_train, image_folder, observed):
     cfg = compose_train(folder_data(image_folder) + TINY_NET + QUIET + ["data.image_size=9"])
     with pytest.raises(InstantiationException, match="divisible"):
         train(cfg)
-    observed.append("ConfigCompositionException naming not_a_key / no_such_experiment; image_size=9: 'divisible'")
+    # the default experiment's scheduler keys over a model without a scheduler (iCT): named, not "not callable"
+    cfg = compose_train(folder_data(image_folder) + TINY_NET + QUIET + ["model=ict"])
+    with pytest.raises(InstantiationException, match=r"model.lr_scheduler is \{'warmup_steps': 100\}, with no"):
+        train(cfg)
+    observed.append("ConfigCompositionException naming not_a_key / no_such_experiment; image_size=9: 'divisible'; "
+                    "a scheduler's keys without its _target_: named")
 
 
 @pytest.mark.fault("bad checkpoints: other model, other schedule, truncated, pickled code, not Lightning",

@@ -216,6 +216,13 @@ class DiffusionModel(RunModule):
             self.net.to(memory_format=torch.channels_last)
         self.compile = compile
         self.sampler = {"name": "ddim", "steps": 50, **(sampler or {})}
+        for key, factory in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
+            if factory is not None and not callable(factory):  # e.g. an experiment's keys merged over a null entry
+                raise UserError(
+                    f"model.{key} is {factory}, with no _target_ to build: an experiment set keys of it over a model "
+                    f"config without one. Give the whole entry (model.{key}._target_=... with _partial_: true) or "
+                    f"model.{key}=null, or use the model's own experiment"
+                )
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=2e-4)
         self.lr_scheduler_factory = lr_scheduler
 
