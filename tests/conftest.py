@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +74,22 @@ def make_image_folder(folder: Path) -> Path:
         img = 255 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 4)
         Image.fromarray(img.astype(np.uint8), mode="L").save(folder / f"{i:02d}.png")
     return folder
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a training process a test starts: one OpenMP thread, offline, and tests/ on PYTHONPATH
+    (the processes import rank_probe's callbacks)."""
+    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_LIGHTNING_OFFLINE": "1", "PYTHONPATH": path}
+
+
+def wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until ``folder.glob(pattern)`` finds a file, failing if ``proc`` ends or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not list(folder.glob(pattern)):
+        assert proc.poll() is None, f"the process ended before {pattern} appeared"
+        assert time.monotonic() < deadline, f"{pattern} never appeared"
+        time.sleep(0.1)
 
 
 def folder_data(folder: Path, batch_size: int = 4) -> list[str]:

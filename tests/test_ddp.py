@@ -6,14 +6,13 @@ The metric side (FID/KID/IS over ranks equal to one process on the same images) 
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_NET, folder_data
+from conftest import TINY_NET, cli_env, folder_data
 
 from diffusion_lightning.models.global_batch import GlobalBatchDraws
 
@@ -65,9 +64,7 @@ def _train(tmp_path: Path, images: Path, name: str, *extra: str) -> Path:
         + [e for e in extra if e != "-m"]
     )  # fmt: skip
     overrides = ["-m"] * ("-m" in extra) + overrides
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "diffusion_lightning.train", *overrides], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "diffusion_lightning.train", *overrides], cwd=tmp_path, env=cli_env(),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     runs = list((tmp_path / "out" / "train" / ("multirun" if "-m" in extra else name)).iterdir())

@@ -5,7 +5,6 @@ warning signal, non-finite losses skipped, a run folder that cannot be written o
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import QUIET, ROOT, TINY_NET, folder_data, make_image_folder
+from conftest import QUIET, TINY_NET, cli_env, folder_data, make_image_folder, wait_for
 from omegaconf import open_dict
 from test_train import _assert_same_training_state, _fit_overrides
 
@@ -38,24 +37,10 @@ def _cli(run: Path, images: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-
-
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float = 120) -> None:
-    folder, pattern = path_glob
-    deadline = time.monotonic() + timeout
-    while not list(folder.glob(pattern)):
-        assert proc.poll() is None, f"the run ended before {pattern} appeared: {proc.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, f"{pattern} never appeared"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +61,9 @@ def image_folder_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    "equal to an uninterrupted run")  # fmt: skip
 def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(straight, image_folder_module, tmp_path, observed):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(run, image_folder_module), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(run, image_folder_module), cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _wait_for((run, "checkpoints/step_00000006.ckpt"), proc)
+    wait_for(run, "checkpoints/step_00000006.ckpt", proc)
     time.sleep(0.5)  # into step 7 or 8: work after the checkpoint is lost with the process
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -100,8 +85,9 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(straight, imag
     # writes 1 and 2 are step_00000003.ckpt and last.ckpt; write 3 (step_00000006.ckpt) is cut off
     cmd = _cli(run, image_folder_module, "+callbacks.stall._target_=rank_probe.StallSave",
                f"+callbacks.stall.marker={marker}", "+callbacks.stall.call=3")  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for((tmp_path, "writing"), proc)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    wait_for(tmp_path, "writing", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     partial = sorted(p.name for p in (run / "checkpoints").glob("*.tmp"))
@@ -121,9 +107,9 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(straight, imag
 def test_the_warning_signal_saves_and_stops_and_the_run_resumes_bitwise(straight, image_folder_module, tmp_path,
                                                                          observed):  # fmt: skip
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(run, image_folder_module), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(run, image_folder_module), cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _wait_for((run, "checkpoints/step_00000003.ckpt"), proc)
+    wait_for(run, "checkpoints/step_00000003.ckpt", proc)
     proc.send_signal(signal.SIGUSR2)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "stopped by SIGUSR2 at step" in err, err[-3000:]

@@ -10,12 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_NET, folder_data
+from conftest import ROOT, TINY_NET, cli_env, folder_data, wait_for
 from test_train import _assert_same_training_state
 
 from diffusion_lightning.checkpoint import load_checkpoint
@@ -39,10 +38,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             pytest.fail(reason + " (DL_REQUIRE_SLURM=1)")
         pytest.skip(reason)
     conf = proc.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
-    env = {**os.environ, "SLURM_CONF": conf, "PATH": f"{os.environ['PATH']}:/usr/sbin",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "DIFFUSION_LIGHTNING_OFFLINE": "1"}  # fmt: skip
-    yield env
+    yield {**cli_env(), "SLURM_CONF": conf, "PATH": f"{os.environ['PATH']}:/usr/sbin"}
     subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=120, env=ports)
 
 
@@ -65,32 +61,34 @@ def _sweep(tmp_path: Path) -> Path:
 
 
 def _logs(sweep: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sweep.glob(".submitit/*/*.out")) + "\n".join(
-        p.read_text(errors="replace") for p in sweep.glob(".submitit/*/*.err")
-    )
+    """Everything the jobs' tasks printed (submitit's per-task stdout and stderr files)."""
+    return "\n".join(p.read_text(errors="replace") for p in sorted(sweep.glob(".submitit/*/*_log.*")))
+
+
+def _signal_mid_run(cmd: list[str], tmp_path: Path, env: dict[str, str], ready: str, job: str) -> tuple[str, str]:
+    """Run the multirun ``cmd``; once ``<sweep>/<ready>`` exists, send USR2 to the job whose id ends with ``job``
+    (``""``: the only one) and wait for the sweep to end. Its output and the signalled job's id."""
+    sweeper = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(tmp_path / "out", f"train/multirun/*/{ready}", sweeper)
+        queue = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
+        (job_id,) = [j for j in queue if j.endswith(job)]
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True, timeout=30)
+        out, _ = sweeper.communicate(timeout=300)
+    finally:
+        sweeper.kill()
+    assert sweeper.returncode == 0, out[-3000:] + _logs(_sweep(tmp_path))[-4000:]
+    return out, job_id
 
 
 def test_a_two_task_ddp_job_ends_in_one_run_folder_and_survives_a_requeue(slurm, image_folder, tmp_path):
     """Two ranks from srun, one run folder; the warning signal reaches both, they agree on it at the next logging step
     (every 5th here), save, and the requeued job resumes there and finishes."""
     cmd = _command(tmp_path, image_folder, "hydra.launcher.tasks_per_node=2", "trainer.max_steps=20",
-                   "trainer.log_every_n_steps=5", "+callbacks.slow._target_=rank_probe.Slow",
-                   "+callbacks.slow.seconds=0.25")  # fmt: skip
-    job = subprocess.Popen(cmd, cwd=tmp_path, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list((tmp_path / "out").glob("train/multirun/*/0/csv/*/metrics.csv")):
-            assert job.poll() is None and time.monotonic() < deadline, "the job never started training"
-            time.sleep(0.2)
-        time.sleep(1.0)
-        queue = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True)
-        (job_id,) = queue.stdout.split()
-        subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm, check=True, timeout=30)
-        out, _ = job.communicate(timeout=300)
-    finally:
-        job.kill()
+                   "trainer.log_every_n_steps=5", "callbacks.model_checkpoint.every_n_train_steps=4",
+                   "+callbacks.slow._target_=rank_probe.Slow", "+callbacks.slow.seconds=0.25")  # fmt: skip
+    _signal_mid_run(cmd, tmp_path, slurm, ready="0/checkpoints/step_00000004.ckpt", job="")
     sweep = _sweep(tmp_path)
-    assert job.returncode == 0, out[-3000:] + _logs(sweep)[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
     assert json.loads((sweep / "0" / "finished.json").read_text())["global_step"] == 20
     logs = _logs(sweep)
@@ -108,21 +106,8 @@ def test_a_sweep_with_a_preempted_job_resumes_it_bitwise(slurm, image_folder, tm
     cmd = _command(tmp_path, image_folder, "run_name=a,b", "trainer.max_steps=24",
                    "callbacks.model_checkpoint.every_n_train_steps=4", "+callbacks.slow._target_=rank_probe.Slow",
                    "+callbacks.slow.seconds=0.25")  # fmt: skip
-    sweeper = subprocess.Popen(cmd, cwd=tmp_path, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not list((tmp_path / "out").glob("train/multirun/*/0/checkpoints/step_00000008.ckpt")):
-            assert sweeper.poll() is None and time.monotonic() < deadline, "job a never reached step 8"
-            time.sleep(0.2)
-        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True).stdout.split()
-        (job_a,) = [j for j in jobs if j.endswith("_0")]
-        subprocess.run(["scancel", "--signal=USR2", job_a], env=slurm, check=True, timeout=30)
-        out, _ = sweeper.communicate(timeout=300)
-    finally:
-        sweeper.kill()
+    _, job_a = _signal_mid_run(cmd, tmp_path, slurm, ready="0/checkpoints/step_00000008.ckpt", job="_0")
     sweep = _sweep(tmp_path)
-    assert sweeper.returncode == 0, out[-3000:] + _logs(sweep)[-4000:]
     logs = _logs(sweep)
     assert "stopped by SIGUSR2 at step" in logs and "ckpt_path=last: resuming from" in logs, logs[-4000:]
     for job in ("0", "1"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import QUIET, ROOT, TINY_NET, folder_data
+from conftest import QUIET, ROOT, TINY_NET, cli_env, folder_data
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf import open_dict
 
@@ -315,7 +315,7 @@ def test_progress_lines_reach_a_file_and_train_log_while_the_run_goes(image_fold
            f"paths.log_dir={tmp_path / 'outputs'}", "trainer.max_steps=300", "trainer.val_check_interval=null",
            "trainer.limit_val_batches=1", "callbacks.progress_bar.every_s=0.2", "callbacks.sample_grid.num_samples=4",
            "sampler.steps=2", "callbacks.model_summary=null", "logger=csv"]  # fmt: skip
-    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = cli_env()
     with open(tmp_path / "stdout.txt", "w") as stdout:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         seen_while_running = False
@@ -336,7 +336,7 @@ def test_a_failed_run_leaves_no_run_folder(bad, image_folder, tmp_path):
     """A config error (a mistyped key, a wrong image size) exits with its message and no empty run folder."""
     cmd = [sys.executable, "-m", "diffusion_lightning.train", *TINY_NET, *folder_data(image_folder),
            f"paths.log_dir={tmp_path / 'outputs'}", bad]  # fmt: skip
-    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = cli_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and ("lrr" in proc.stderr or "8 or 10" in proc.stderr), proc.stderr[-2000:]
     assert not list((tmp_path / "outputs").glob("train/*/*")), list((tmp_path / "outputs").rglob("*"))
@@ -351,7 +351,7 @@ def test_a_mistyped_key_gets_the_nearest_keys_suggested(image_folder, tmp_path, 
     # an experiment's own keys count; valid overrides are not reported
     assert near_keys(["experiment=ect_fmnist", "model.steps_per_stag=3", "trainer.max_steps=5"], "train") == {
         "model.steps_per_stag": ["model.steps_per_stage"]}  # fmt: skip
-    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = cli_env()
     proc = subprocess.run([sys.executable, "-m", "diffusion_lightning.train", "model.optimizer.lrr=1",
                            f"paths.log_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
@@ -378,7 +378,7 @@ def test_resuming_continues_in_the_checkpoints_run_folder_with_its_curves(image_
             f"paths.log_dir={tmp_path / 'outputs'}", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=1",
             "trainer.val_check_interval=null",
             "callbacks.sample_grid.num_samples=4", "sampler.steps=2"]  # fmt: skip
-    env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = cli_env()
     first = subprocess.run([*base, "trainer.max_steps=6"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]

@@ -330,9 +330,9 @@ class ImageDataModule(L.LightningDataModule, ABC):
             return batch
         images, labels = batch
         # drawn for the global batch (this rank's rows kept), so flips do not depend on the number of ranks
-        g, rank = batch_generator(self.seed, epoch, done, 0), trainer.global_rank
-        flip = (torch.rand(len(images) * trainer.world_size, generator=g) < 0.5)[rank * len(images) :]
-        flip = flip[: len(images)].to(images.device)
+        b, g = len(images), batch_generator(self.seed, epoch, done, 0)
+        rows = torch.rand(b * trainer.world_size, generator=g)[trainer.global_rank * b : (trainer.global_rank + 1) * b]
+        flip = (rows < 0.5).to(images.device)
         return torch.where(flip[:, None, None, None], images.flip(-1), images), labels
 
     def state_dict(self) -> dict[str, int]:
