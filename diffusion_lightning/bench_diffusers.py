@@ -41,8 +41,8 @@ _KNOWN_KEYS = {
 }
 
 # The two layouts whose parameter counts are checked (tests/test_bench_diffusers.py and ``__main__``).
-FMNIST_DEFAULT_NET: dict[str, Any] = dict(  # conf/experiment/ddpm_fmnist.yaml with conf/data/fmnist.yaml's image_size
-    image_size=32, in_channels=1, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
+FMNIST_DEFAULT_NET: dict[str, Any] = dict(  # conf/experiment/ddpm_fmnist.yaml
+    image_size=28, in_channels=1, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
     attention_resolutions=[], dropout=0.0, num_groups=8,
 )
 DDPM_CIFAR10_NET: dict[str, Any] = dict(  # conf/model/ddpm.yaml: Ho et al. (2020), 35.7M parameters

@@ -82,7 +82,7 @@ if [[ $phases == *" train "* ]]; then
             resume=("ckpt_path=$(ckpt $exp)")
         fi
         spawn "train_${exp}_$until_step" "$py" -m diffusion_lightning.train experiment=$exp trainer=$trainer \
-            trainer.max_steps=$until_step data.batch_size=$batch "${resume[@]}" \
+            trainer.max_steps=$until_step data.batch_size=$batch data.image_size=32 "${resume[@]}" \
             callbacks.model_checkpoint.every_n_train_steps=$(((steps + 4) / 5)) callbacks.progress_bar=null \
             +trainer.enable_progress_bar=false "hydra.run.dir=$out/$exp"
     done

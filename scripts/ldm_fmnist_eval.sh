@@ -28,7 +28,7 @@ run() {  # run LOG CMD...: the command's output into LOG; on failure its tail an
 if [ -z "${LDM:-}" ]; then
   run "$out/train_ldm.log" $py -m diffusion_lightning.train experiment=ldm_fmnist "+trainer.max_time=$max_time" \
       trainer.max_steps=1000000 "${quiet[@]}"
-  run "$out/train_pixel.log" $py -m diffusion_lightning.train experiment=ddpm_fmnist run_name=ddpm_fmnist_cond \
+  run "$out/train_pixel.log" $py -m diffusion_lightning.train experiment=ddpm_fmnist run_name=ddpm_fmnist_cond data.image_size=32 \
       model.net.num_classes=10 model.class_dropout=0.1 "+trainer.max_time=$max_time" trainer.max_steps=1000000 \
       "${quiet[@]}"
 fi

@@ -39,7 +39,7 @@ def config(experiment: str, overrides: list[str]) -> Any:
 def build(name: str, first_stage: str | None) -> tuple[Any, Any]:
     torch.manual_seed(0)
     if name == "pixel":
-        cfg = config("ddpm_fmnist", ["model.net.num_classes=10", "model.class_dropout=0.1"])
+        cfg = config("ddpm_fmnist", ["model.net.num_classes=10", "model.class_dropout=0.1", "data.image_size=32"])
         return cfg, instantiate(cfg.model, _convert_="all")
     cfg = config("ldm_fmnist", [])
     if first_stage is None:

@@ -39,7 +39,7 @@ NUM_TIMESTEPS = 50
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2 steps of ddpm_fmnist (32x32x1 Fashion-MNIST, batch 8, tiny net, T=50)."""
+    """2 steps of ddpm_fmnist (28x28x1 Fashion-MNIST, batch 8, tiny net, T=50)."""
     out = tmp_path_factory.mktemp("train")
     GlobalHydra.instance().clear()
     overrides = [
@@ -69,7 +69,7 @@ FID_ARGS = ["metric=fid", "extractor=fmnist-classifier", "sampler=ddim", "sample
 
 
 def _cached_reference(ref_dir: Path) -> ReferenceStats:
-    path = reference_cache_path(ref_dir, "FashionMNIST", "train", "fmnist-classifier", 32, 64)
+    path = reference_cache_path(ref_dir, "FashionMNIST", "train", "fmnist-classifier", 28, 64)
     return ReferenceStats.from_tensors(torch.load(path, weights_only=True))
 
 
@@ -88,7 +88,7 @@ def test_fid_line(compose_train, checkpoint, ref_dir, tmp_path):
 
     # the recorded FID is the FID of the saved uint8 samples against the cached reference (evaluate's cache dir) ...
     samples = torch.from_numpy(np.load(Path(cfg.paths.output_dir) / "samples.npz")["samples"]).permute(0, 3, 1, 2)
-    assert samples.shape == (32, 1, 32, 32) and samples.dtype == torch.uint8
+    assert samples.shape == (32, 1, 28, 28) and samples.dtype == torch.uint8
     extractor = get_extractor("fmnist-classifier")
     ref = _cached_reference(ref_dir)
     mu, sigma = feature_statistics(extractor(samples)["features"])

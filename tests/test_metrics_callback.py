@@ -181,7 +181,7 @@ def test_callback_logs_finite_metrics_in_a_training_run(compose_train, tmp_path)
     assert all(math.isfinite(v) and v > 0 for _, v in logged)
 
     # the cache file is evaluate.py's, and the logged FID is evaluate.py's FID of the same (regenerated) samples
-    ref_file = reference_cache_path(tmp_path / "ref", "FashionMNIST", "train", "fmnist-classifier", 32, 64)
+    ref_file = reference_cache_path(tmp_path / "ref", "FashionMNIST", "train", "fmnist-classifier", 28, 64)
     assert ref_file.is_file()
     ref = ReferenceStats.from_tensors(torch.load(ref_file, weights_only=True))
     module = ema_module(trainer, out["model"])

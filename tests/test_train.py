@@ -369,6 +369,15 @@ def test_a_wrong_image_size_names_the_nearest_sizes_that_work():
         UNet(image_size=10, channel_mult=[1, 2, 2, 2], attention_resolutions=[])
 
 
+def test_data_of_another_size_than_the_model_is_named_before_any_step(compose_train, image_folder, tmp_path):
+    """A model whose image size is not the data's (e.g. a student of a teacher trained at 28x28 given 32x32 data) is
+    refused at fit start with the key to set, and no checkpoint is written."""
+    cfg = compose_train(_fit_overrides(image_folder, max_steps=2) + ["model.net.image_size=16"])
+    with pytest.raises(UserError, match=r"the data gives 1x8x8 images but DDPM makes 1x16x16: set data.image_size=16"):
+        train(cfg)
+    assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))
+
+
 def test_resuming_continues_in_the_checkpoints_run_folder_with_its_curves(image_folder, tmp_path):
     """ckpt_path=<run>/checkpoints/last.ckpt with a larger max_steps: one run folder, whose TensorBoard loss curve
     runs on without a gap or a repeated step and whose train.log holds both parts."""

@@ -405,6 +405,14 @@ class DiffusionModel(RunModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_shape = (getattr(datamodule, "channels", None), getattr(datamodule, "image_size", None))
+        if None not in data_shape and (data_shape[0], data_shape[1], data_shape[1]) != tuple(self.image_shape):
+            c, size, _ = self.image_shape  # e.g. a student whose teacher was trained at another size
+            raise UserError(
+                f"the data gives {data_shape[0]}x{data_shape[1]}x{data_shape[1]} images but {type(self).__name__} "
+                f"makes {c}x{size}x{size}: set data.image_size={size} (and a data set with {c} channels)"
+            )
         # Training draws start from the seed itself, as Lightning's DDP set-up reseeds after the model was built:
         # one process and W processes then draw the same numbers (models/global_batch.py).
         torch.manual_seed(torch.initial_seed())
