@@ -46,6 +46,7 @@ from .callbacks.ema import ema_decay
 from .models import DDPM
 
 #: model key -> experiment (composed from conf/ as train.py composes it)
+#: key -> "<experiment> [override ...]"
 MODELS = {"default": "ddpm_fmnist", "cifar": "ddpm_cifar"}
 #: the dense bf16 tensor-core peak of an H100/H200 SXM (NVIDIA's datasheet, without sparsity), for MFU
 H100_BF16_TFLOPS = 989.4
@@ -54,7 +55,8 @@ H100_BF16_TFLOPS = 989.4
 @functools.cache
 def model_config(key: str) -> DictConfig:
     with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"experiment={MODELS[key]}"])
+        experiment, *overrides = MODELS[key].split()
+        return compose("train", overrides=[f"experiment={experiment}", *overrides])
 
 
 def build_model(key: str, opts: argparse.Namespace) -> DDPM:

@@ -4,23 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
-from pathlib import Path
-
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from diffusion_lightning import bench
 
 SIZES = {"default28": 28, "default32": 32}
-
-
-@functools.cache
-def model_config(key: str) -> DictConfig:
-    with initialize_config_dir(str(Path(bench.__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        return compose("train", overrides=["experiment=ddpm_fmnist", f"data.image_size={SIZES[key]}"])
 
 
 def main() -> None:
@@ -30,8 +19,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
-    bench.model_config = model_config  # the bench's measurements look the config up by key
-    precision = str(model_config("default28").trainer.precision)
+    bench.MODELS.update({key: f"ddpm_fmnist data.image_size={size}" for key, size in SIZES.items()})
+    precision = str(bench.model_config("default28").trainer.precision)
     opts = argparse.Namespace(device="cpu", precision=precision, channels_last=False, compile=False)
     runs: dict[str, list[float]] = {k: [] for k in SIZES}
     for _ in range(args.repeats):

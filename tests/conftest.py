@@ -87,7 +87,9 @@ def wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float 
     """Wait until ``folder.glob(pattern)`` finds a file, failing if ``proc`` ends or ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout
     while not list(folder.glob(pattern)):
-        assert proc.poll() is None, f"the process ended before {pattern} appeared"
+        if proc.poll() is not None:
+            said = proc.communicate()  # whichever of stdout / stderr was piped
+            raise AssertionError(f"the process ended before {pattern} appeared: {(said[1] or said[0] or '')[-3000:]}")
         assert time.monotonic() < deadline, f"{pattern} never appeared"
         time.sleep(0.1)
 

@@ -405,14 +405,14 @@ class DiffusionModel(RunModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        # e.g. a student whose teacher was trained at another size: refused before any step
         datamodule = getattr(self.trainer, "datamodule", None)
-        data_shape = (getattr(datamodule, "channels", None), getattr(datamodule, "image_size", None))
-        if None not in data_shape and (data_shape[0], data_shape[1], data_shape[1]) != tuple(self.image_shape):
-            c, size, _ = self.image_shape  # e.g. a student whose teacher was trained at another size
-            raise UserError(
-                f"the data gives {data_shape[0]}x{data_shape[1]}x{data_shape[1]} images but {type(self).__name__} "
-                f"makes {c}x{size}x{size}: set data.image_size={size} (and a data set with {c} channels)"
-            )
+        size, channels = getattr(datamodule, "image_size", None), getattr(datamodule, "channels", None)
+        if size is not None and (channels, size, size) != tuple(self.image_shape):
+            c, model_size, _ = self.image_shape
+            fix = f"data.image_size={model_size}" if model_size != size else f"a data set with {c} channels"
+            raise UserError(f"the data gives {channels}x{size}x{size} images but {type(self).__name__} makes "
+                            f"{c}x{model_size}x{model_size}: set {fix}")  # fmt: skip
         # Training draws start from the seed itself, as Lightning's DDP set-up reseeds after the model was built:
         # one process and W processes then draw the same numbers (models/global_batch.py).
         torch.manual_seed(torch.initial_seed())
