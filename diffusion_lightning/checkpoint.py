@@ -1,4 +1,6 @@
-"""Safe checkpoint loading: ``weights_only=True`` and clear errors for foreign or mismatched files."""
+"""Safe checkpoint loading (``weights_only=True``, clear errors for foreign or mismatched files, older formats
+upgraded) and the loaders that build a recipe's components from checkpoints: a teacher (:func:`load_teacher`) and a
+latent first stage (:func:`load_first_stage`), as Hydra targets (``model.teacher``, ``model.first_stage``)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import CheckpointError
+from .models.upgrade import upgrade_checkpoint, upgrade_run_config  # noqa: F401 - upgrade_run_config re-exported
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -27,7 +31,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    return checkpoint
+    return upgrade_checkpoint(checkpoint)
 
 
 def check_compatible(checkpoint: dict[str, Any], model: nn.Module, path: str | Path = "checkpoint") -> None:
@@ -57,29 +61,6 @@ def check_compatible(checkpoint: dict[str, Any], model: nn.Module, path: str | P
         raise CheckpointError(f"{path} was written by a different model: {'; '.join(details)} weights.{hint}")
 
 
-def upgrade_run_config(config: dict[str, Any], checkpoint_format: int) -> dict[str, Any]:
-    """The run config of a checkpoint in today's terms, so that an old checkpoint rebuilds the same model.
-
-    Format 1 (before the denoiser contract, issue 14): the model took ``lr``, ``weight_decay``, ``adam_betas`` and
-    ``warmup_steps`` (now the ``optimizer`` / ``lr_scheduler`` partials), and the linear schedule ran from 1e-4 to
-    0.02 for every T (now scaled by 1000 / T as in the improved-DDPM code unless its ends are given: they are pinned).
-    """
-    if checkpoint_format >= 2:
-        return config
-    model = dict(config["model"])
-    if "lr" in model:
-        betas = model.pop("adam_betas", (0.9, 0.999))
-        model["optimizer"] = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": model.pop("lr"),
-                              "betas": list(betas), "weight_decay": model.pop("weight_decay", 0.0)}
-        model["lr_scheduler"] = {"_target_": "diffusion_lightning.models.base.linear_warmup", "_partial_": True,
-                                 "warmup_steps": model.pop("warmup_steps", 5000)}
-    target = str(model.get("_target_", ""))
-    default_schedule = "cosine" if target.endswith("ImprovedDDPM") else "linear"
-    if model.get("beta_schedule", default_schedule) == "linear" and not model.get("beta_kwargs"):
-        model["beta_kwargs"] = {"beta_start": 1e-4, "beta_end": 0.02}
-    return {**config, "model": model}
-
-
 def model_from_checkpoint(path: str | Path, ema: bool = True, generative: bool = True) -> nn.Module:
     """Rebuild the LightningModule a run saved and load its EMA (default) or raw weights; with ``generative`` refuse a
     model that does not sample (a stage-1 autoencoder)."""
@@ -93,9 +74,9 @@ def model_from_checkpoint(path: str | Path, ema: bool = True, generative: bool =
             "the checkpoint of the latent diffusion run trained on it (ldm_*); its test PSNR/SSIM/rFID are in the "
             "run folder's finished.json"
         )
-    config = upgrade_run_config(config, int(checkpoint.get("format", 1)))
-    # e.g. latent diffusion: its first stage from the stored config, not the stage-1 file it was trained from
-    model = instantiate(config["model"], _convert_="all", **checkpoint.get("rebuild_kwargs", {}))
+    # a teacher or first stage from the configs stored in the checkpoint, not the files it was trained from
+    component_config = {**config["model"], **checkpoint.get("rebuild_kwargs", {})}
+    model = instantiate(component_config, _convert_="all")
     state = checkpoint["state_dict"]
     if not ema:
         if "current_model_state" not in checkpoint:
@@ -104,5 +85,48 @@ def model_from_checkpoint(path: str | Path, ema: bool = True, generative: bool =
     check_compatible({**checkpoint, "state_dict": state}, model, path)
     model.load_state_dict(state)
     model.run_config = config
+    model.component_config = component_config  # how a recipe that holds this model (a student) rebuilds it
     model.checkpoint_meta = {"path": str(path), "global_step": checkpoint.get("global_step"), "ema": ema}
     return model.eval()
+
+
+def load_teacher(path: str | Path | None) -> nn.Module:
+    """``model.teacher``: the frozen teacher of a student recipe, the EMA weights of a framework checkpoint. (A null
+    path is filled in by the training entry with a finished run of the experiment's ``teacher.experiment``.)"""
+    if not path:
+        raise CheckpointError("no teacher checkpoint: set model.teacher.path=<run>/checkpoints/last.ckpt, or leave it "
+                              "null in a pd_*, cd_* or ect_* experiment to train or reuse one")  # fmt: skip
+    return model_from_checkpoint(path, ema=True)
+
+
+def load_first_stage(path: str | Path | None, scale_factor: float | None = None, scale_batches: int = 16) -> nn.Module:
+    """``model.first_stage``: the stage-1 autoencoder of a finished ``ae_*`` run as a frozen
+    :class:`~diffusion_lightning.models.LatentSpace` (without its discriminator and perceptual network, which only
+    its training needs); ``scale_factor`` / ``scale_batches`` as there."""
+    from .models import LatentSpace
+
+    if not path:
+        raise CheckpointError("no first-stage checkpoint: set model.first_stage.path=<ae run>/checkpoints/last.ckpt, "
+                              "or leave it null in an ldm_* experiment to train or reuse one")  # fmt: skip
+    checkpoint = load_checkpoint(path)
+    config = (checkpoint.get("run_config") or {}).get("model")
+    if not config or not str(config.get("_target_", "")).endswith("Autoencoder"):
+        raise CheckpointError(
+            f"{path} is not a stage-1 autoencoder checkpoint (its model is {config and config.get('_target_')}): "
+            "point model.first_stage.path at checkpoints/last.ckpt of an ae_* run"
+        )
+    net = instantiate(config["net"], _convert_="all")
+    net.load_state_dict({k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
+    first_stage = LatentSpace(net, scale_factor, scale_batches)
+    first_stage.component_config = {"_target_": "diffusion_lightning.models.LatentSpace", "net": config["net"],
+                                    "scale_batches": scale_batches}  # fmt: skip  (s: from the recipe's state dict)
+    return first_stage
+
+
+def build_component(config: dict[str, Any]) -> nn.Module:
+    """A component a checkpoint stored the config of (``rebuild_kwargs``): built from ``config``, which it keeps
+    (``component_config``) so that the recipe's next checkpoint stores it again."""
+    config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    module = instantiate(config, _convert_="all")
+    module.component_config = config
+    return module

@@ -52,11 +52,11 @@ PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 def check_exportable(model: nn.Module) -> None:
     """Raise a :class:`UserError` naming the reason if ``model`` cannot become a diffusers DDPM pipeline."""
-    from .models import DDPM, LatentDiffusion
+    from .models import DDPM, PixelSpace
     from .nets import UNet
 
     name = type(model).__name__
-    if not isinstance(model, DDPM) or isinstance(model, LatentDiffusion):
+    if not isinstance(model, DDPM) or type(model.first_stage) is not PixelSpace:
         raise UserError(
             f"cannot export a {name} checkpoint: only pixel DDPM checkpoints export (models.DDPM or "
             "models.ImprovedDDPM: a U-Net on images over a discrete beta schedule, as diffusers' DDPMPipeline runs). "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -30,17 +29,19 @@ def test_experiment_composes_and_instantiates(experiment, compose_train, tmp_pat
     """The model (the paper-sized networks too), its optimiser and LR schedule, its sampler, and the data module
     (constructed only: no data is read)."""
     cfg = compose_train([f"experiment={experiment}", f"paths.data_dir={tmp_path}"])
-    kwargs = {}
+    config = OmegaConf.to_container(cfg.model, resolve=True)
     if cfg.get("first_stage"):  # latent diffusion: a first stage built from its stage-1 experiment's config
         stage1 = compose_train([f"experiment={cfg.first_stage.experiment}", f"paths.data_dir={tmp_path}"])
         assert stage1.data._target_ == cfg.data._target_  # stage 1 on the same data set
-        kwargs["first_stage_config"] = json.dumps(OmegaConf.to_container(stage1.model, resolve=True))
+        assert config["first_stage"]["_target_"].endswith("load_first_stage") and config["first_stage"]["path"] is None
+        config["first_stage"] = {"_target_": "diffusion_lightning.models.LatentSpace",
+                                 "net": OmegaConf.to_container(stage1.model.net, resolve=True)}  # fmt: skip
     if cfg.get("teacher"):  # distillation: a teacher built from its experiment's config
         teacher = compose_train([f"experiment={cfg.teacher.experiment}", f"paths.data_dir={tmp_path}"])
         assert teacher.data._target_ == cfg.data._target_
-        kwargs["teacher_config"] = json.dumps({"model": OmegaConf.to_container(teacher.model, resolve=True)})
-        kwargs["teacher_ckpt"] = None
-    model = instantiate(cfg.model, _convert_="all", **kwargs)
+        assert config["teacher"]["_target_"].endswith("load_teacher") and config["teacher"]["path"] is None
+        config["teacher"] = OmegaConf.to_container(teacher.model, resolve=True)
+    model = instantiate(config, _convert_="all")
     if isinstance(model, Autoencoder):
         ae_optimizer, disc_optimizer = model.configure_optimizers()
         assert ae_optimizer.defaults["lr"] == cfg.model.optimizer.lr and disc_optimizer is not None

@@ -13,7 +13,7 @@ import torch
 from conftest import QUIET, TINY_NET, folder_data
 from omegaconf import open_dict
 
-from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
+from diffusion_lightning.checkpoint import load_checkpoint, load_teacher, model_from_checkpoint
 from diffusion_lightning.errors import UserError
 from diffusion_lightning.models import ConsistencyDistillation, ConsistencyTraining, ConsistencyTuning
 from diffusion_lightning.train import train
@@ -66,7 +66,7 @@ def test_the_student_starts_as_its_teacher_with_the_boundary_condition(compose_t
     train(teacher_cfg)
     ckpt = str(Path(teacher_cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     for cls in (ConsistencyDistillation, ConsistencyTuning):
-        student = cls(teacher_ckpt=ckpt).eval()
+        student = cls(teacher=load_teacher(ckpt)).eval()
         teacher = student.teacher.denoiser()
         x = torch.randn(4, 1, 8, 8) * 3
         for sigma in (0.01, 0.5, 3.0, 80.0):
@@ -75,9 +75,9 @@ def test_the_student_starts_as_its_teacher_with_the_boundary_condition(compose_t
     with pytest.raises(UserError, match="needs its teacher"):
         ConsistencyTuning()
     with pytest.raises(UserError, match=r"local LPIPS weights .* model.lpips="):
-        ConsistencyDistillation(teacher_ckpt=ckpt, distance="lpips")
+        ConsistencyDistillation(teacher=load_teacher(ckpt), distance="lpips")
     with pytest.raises(UserError, match="solver is heun or euler"):
-        ConsistencyDistillation(teacher_ckpt=ckpt, solver="rk4")
+        ConsistencyDistillation(teacher=load_teacher(ckpt), solver="rk4")
 
 
 CT = ["model.curriculum=ct", "model.s0=2", "model.s1=150", "model.mu0=0.9", "model.level_sampling=uniform",
@@ -109,6 +109,6 @@ def test_ect_and_cd_cifar_ask_for_their_teacher_and_never_train_one(compose_trai
     for experiment in ("ect_cifar", "cd_cifar"):
         cfg = compose_train([f"experiment={experiment}", f"paths.data_dir={tmp_path / 'data'}",
                              f"paths.log_dir={tmp_path / 'outputs'}"])  # fmt: skip
-        with pytest.raises(UserError, match=r"no finished vdiff_cifar run .* set model.teacher_ckpt="):
+        with pytest.raises(UserError, match=r"no finished vdiff_cifar run .* set model.teacher.path="):
             train(cfg)
     assert not (tmp_path / "outputs" / "train").exists()

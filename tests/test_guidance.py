@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from diffusion_lightning.diffusion import Denoiser, Guided, sample
+from diffusion_lightning.diffusion.conditioning import drop_condition
 from diffusion_lightning.errors import UserError
 from diffusion_lightning.models import DDPM
 from diffusion_lightning.nets import UNet
@@ -101,11 +102,12 @@ def tiny_conditional(class_dropout: float = 0.1, guidance: float | None = None) 
 def test_label_dropout_replaces_labels_by_the_null_class_at_rate_p():
     model = tiny_conditional(class_dropout=0.25)
     y = torch.randint(0, 3, (40_000,))
-    dropped = model.drop_labels(y)
+    dropped = drop_condition(model.condition(None, y), model.class_dropout, model.num_classes)
     null = dropped == 3
     assert null.float().mean().item() == pytest.approx(0.25, abs=0.01)
     assert torch.equal(dropped[~null], y[~null])
-    assert torch.equal(tiny_conditional(class_dropout=0.0).drop_labels(y), y)
+    off = tiny_conditional(class_dropout=0.0)
+    assert torch.equal(drop_condition(off.condition(None, y), off.class_dropout, off.num_classes), y)
 
 
 def test_model_sampling_under_guidance_uses_the_guided_denoiser():

@@ -19,7 +19,7 @@ from test_data import write_cifar
 from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
 from diffusion_lightning.data.errors import DatasetNotFoundError
 from diffusion_lightning.models import Autoencoder
-from diffusion_lightning.models.latent_diffusion import latent_scale_factor
+from diffusion_lightning.models.first_stage import latent_scale_factor
 from diffusion_lightning.nets import AutoencoderKL, PatchDiscriminator
 from diffusion_lightning.train import train
 
@@ -97,8 +97,8 @@ def _ldm_overrides(tmp_path: Path) -> list[str]:
         "experiment=ldm_cifar", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'outputs'}",
         *TINY_NET, *QUIET, "trainer.max_steps=2", "data.batch_size=4", "data.num_workers=0",
         "trainer.limit_val_batches=1", "trainer.val_check_interval=null", "callbacks.sample_grid.num_samples=10",
-        "sampler.steps=2", "model.num_timesteps=50", "model.scale_batches=2", "model.lr_scheduler.warmup_steps=2",
-        "logger=csv",
+        "sampler.steps=2", "model.num_timesteps=50", "model.first_stage.scale_batches=2",
+        "model.lr_scheduler.warmup_steps=2", "logger=csv",
     ]  # fmt: skip
 
 
@@ -121,11 +121,12 @@ def test_ldm_cifar_trains_stage_one_then_two_reuses_stage_one_and_samples_withou
     assert {"test/psnr", "test/ssim"} <= set(stage1["test"])
     model = out["model"]
     assert out["trainer"].global_step == 2
-    assert math.isfinite(float(model.scale_factor)) and float(model.scale_factor) > 0
+    scale = float(model.first_stage.scale_factor)
+    assert math.isfinite(scale) and scale > 0
     assert not model.first_stage.training and not any(p.requires_grad for p in model.first_stage.parameters())
     ae_state = load_checkpoint(stage1["checkpoint"])["state_dict"]
-    for name, value in model.first_stage.state_dict().items():
-        assert torch.equal(value, ae_state[name]), f"the frozen first stage changed: {name}"
+    for name, value in model.first_stage.net.state_dict().items():
+        assert torch.equal(value, ae_state[f"net.{name}"]), f"the frozen first stage changed: {name}"
     run = Path(cfg.paths.output_dir)
     assert (run / "finished.json").is_file() and (run / "grids" / "final.png").is_file()
     assert "training it in" in capsys.readouterr().out
@@ -140,8 +141,8 @@ def test_ldm_cifar_trains_stage_one_then_two_reuses_stage_one_and_samples_withou
     shutil.rmtree(tmp_path / "data")
     shutil.rmtree(stage1_run)
     ldm = model_from_checkpoint(run / "checkpoints" / "last.ckpt")
-    assert float(ldm.scale_factor) == float(load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"][
-        "scale_factor"])
+    assert float(ldm.first_stage.scale_factor) == float(load_checkpoint(run / "checkpoints" / "last.ckpt")[
+        "state_dict"]["first_stage.scale_factor"]) == scale
     assert ldm.image_shape == (3, 32, 32) and ldm.sample_shape == (4, 16, 16)
     g = torch.Generator().manual_seed(0)
     images = ldm.sample(3, y=torch.tensor([0, 5, 9]), generator=g, guidance=3.0)
@@ -171,8 +172,8 @@ def test_ldm_cifar_without_data_stops_before_anything_starts(compose_train, tmp_
 
 
 def test_a_foreign_first_stage_checkpoint_is_refused(tmp_path):
+    from diffusion_lightning.checkpoint import load_first_stage
     from diffusion_lightning.errors import CheckpointError
-    from diffusion_lightning.models.latent_diffusion import load_first_stage
 
     torch.save({"state_dict": {}, "run_config": {"model": {"_target_": "diffusion_lightning.models.DDPM"}}},
                tmp_path / "ddpm.ckpt")
@@ -189,26 +190,35 @@ def test_sampling_an_autoencoder_checkpoint_is_refused_with_the_fix(tmp_path):
         model_from_checkpoint(tmp_path / "ae.ckpt")
 
 
-def test_latent_sampling_never_clips_latents_to_the_image_range(tmp_path):
-    from diffusion_lightning.models import LatentDiffusion
+def test_latent_sampling_never_clips_latents_to_the_image_range():
+    """The latent first stage declares x0 unbounded: clip_denoised and threshold, which bound x0_hat to the image
+    range [-1, 1], leave latents alone (the reference samples latents unclipped)."""
+    from diffusion_lightning.diffusion import sample
+    from diffusion_lightning.models import DDPM, LatentSpace
     from diffusion_lightning.nets import UNet
 
-    config = {"_target_": "diffusion_lightning.models.Autoencoder", "perceptual_weight": 0.0,
-              "net": {"_target_": "diffusion_lightning.nets.AutoencoderKL", "image_size": 16, "in_channels": 3,
-                      "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 2, "attention": False,
-                      "num_groups": 4}}
+    torch.manual_seed(0)
+    ae = AutoencoderKL(image_size=16, in_channels=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=2,
+                       attention=False, num_groups=4)  # fmt: skip
     net = UNet(image_size=8, in_channels=2, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                attention_resolutions=(), num_groups=4)
-    ldm = LatentDiffusion(net, first_stage_config=json.dumps(config), scale_factor=1.0, num_timesteps=20,
-                          sampler={"name": "ddim", "steps": 3, "clip_denoised": True})
-    spec = ldm.sampler_spec(threshold=0.99)
-    assert spec["clip_denoised"] is False and spec["threshold"] is None
+    for p in net.parameters():
+        p.data.add_(0.3 * torch.randn_like(p))  # x0_hat far outside [-1, 1]
+    ldm = DDPM(net, first_stage=LatentSpace(ae, scale_factor=1.0), num_timesteps=20).eval()
+    denoiser = ldm.guided_denoiser(None)
+    assert not denoiser.bounded and ldm.denoiser().bounded
+    noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    clipped = sample(denoiser, noise, "ddim", steps=3, clip_denoised=True, threshold=0.99).x
+    free = sample(denoiser, noise, "ddim", steps=3, clip_denoised=False).x
+    assert torch.equal(clipped, free) and free.abs().max() > 1
+    bounded = sample(ldm.denoiser(), noise, "ddim", steps=3, clip_denoised=True).x
+    assert not torch.equal(bounded, free)  # the same network read as pixels is clipped
 
 
 def test_stage_one_inherits_data_paths_devices_and_a_ddp_strategy_that_allows_an_idle_discriminator(
     compose_train, tmp_path
 ):
-    from diffusion_lightning.train import prior_run_config
+    from diffusion_lightning.prior_stages import prior_run_config
 
     cfg = compose_train(["experiment=ldm_cifar", "trainer=ddp", "trainer.devices=2", "seed=7",
                          f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'outputs'}"])

@@ -13,7 +13,7 @@ import torch
 from conftest import QUIET, TINY_NET, folder_data
 from omegaconf import open_dict
 
-from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
+from diffusion_lightning.checkpoint import load_checkpoint, load_teacher, model_from_checkpoint
 from diffusion_lightning.diffusion import ContinuousVPDenoiser
 from diffusion_lightning.errors import UserError
 from diffusion_lightning.models.progressive_distillation import ProgressiveDistillation, linear_decay_per_round
@@ -131,15 +131,15 @@ def test_bad_settings_are_refused_with_the_fix(compose_train, image_folder, tmp_
     train(teacher_cfg)
     ckpt = str(Path(teacher_cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     with pytest.raises(UserError, match="start_steps <= 50"):
-        ProgressiveDistillation(teacher_ckpt=ckpt, start_steps=64, end_steps=1)
+        ProgressiveDistillation(teacher=load_teacher(ckpt), start_steps=64, end_steps=1)
     with pytest.raises(UserError, match="power of two"):
-        ProgressiveDistillation(teacher_ckpt=ckpt, start_steps=12, end_steps=2)
+        ProgressiveDistillation(teacher=load_teacher(ckpt), start_steps=12, end_steps=2)
     with pytest.raises(UserError, match="x0 or v"):
-        ProgressiveDistillation(teacher_ckpt=ckpt, start_steps=8, end_steps=2, prediction_type="eps")
+        ProgressiveDistillation(teacher=load_teacher(ckpt), start_steps=8, end_steps=2, prediction_type="eps")
     with pytest.raises(UserError, match="needs its teacher"):
         ProgressiveDistillation()
     # a discrete eps teacher: the student is fed the teacher's fractional timesteps and starts as its network
-    pd = ProgressiveDistillation(teacher_ckpt=ckpt, start_steps=8, end_steps=2)
+    pd = ProgressiveDistillation(teacher=load_teacher(ckpt), start_steps=8, end_steps=2)
     assert pd.time_input == "timestep" and pd.sampler_spec()["steps"] == 4
     sigma = pd.time.sigma(torch.tensor([0.5, 1.0], dtype=torch.float64)).float()
     assert pd.time.timestep(sigma).tolist() == pytest.approx([49.0, 99.0], abs=1e-3)
@@ -156,6 +156,6 @@ def test_pd_cifar_asks_for_its_teacher_and_never_trains_one(compose_train, tmp_p
     cfg = compose_train(["experiment=pd_cifar", f"paths.data_dir={tmp_path / 'data'}",
                          f"paths.log_dir={tmp_path / 'outputs'}"])  # fmt: skip
     assert cfg.model.start_steps == 8192 and cfg.model.end_steps == 4 and cfg.trainer.max_steps == 11 * 50000
-    with pytest.raises(UserError, match=r"no finished vdiff_cifar run .* set model.teacher_ckpt="):
+    with pytest.raises(UserError, match=r"no finished vdiff_cifar run .* set model.teacher.path="):
         train(cfg)
     assert not (tmp_path / "outputs" / "train").exists()

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion_lightning.callbacks import EMA, ProgressBar
 from diffusion_lightning.models import DDPM
-from diffusion_lightning.models import base as model_base
+from diffusion_lightning.models import speed as model_base
+from diffusion_lightning.models.base import weighted_mean
 from diffusion_lightning.nets import UNet
 from diffusion_lightning.nets.unet import AttentionBlock
 
@@ -60,7 +61,7 @@ def train_steps(model: DDPM, x0: torch.Tensor, steps: int, autocast: bool = Fals
     for i in range(steps):
         batch = x0[(i * 8) % len(x0):][:8]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model.loss_terms(batch, None)["loss"].mean()
+            loss = weighted_mean(model.loss(batch, None))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -93,8 +94,8 @@ def test_bf16_autocast_same_function_within_bf16_and_trains() -> None:
     assert (out.float() - ref).norm() < 0.03 * ref.norm()
     # the loss is computed in float32 from the bf16 output
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        terms = model.train().loss_terms(data(8), None)
-    assert terms["loss"].dtype == torch.float32
+        loss, _ = model.train().loss(data(8), None)
+    assert loss.dtype == torch.float32
     assert_trains(model, autocast=True)
 
 
@@ -104,7 +105,7 @@ def test_fused_adamw_same_update_and_trains() -> None:
     opt_b = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
     for step in range(3):  # the same gradients into both (Adam's update amplifies differences of tiny gradients)
         torch.manual_seed(step)
-        a.loss_terms(data(8), None)["loss"].mean().backward()
+        weighted_mean(a.loss(data(8), None)).backward()
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             q.grad = p.grad.clone()
         opt_a.step(), opt_b.step()

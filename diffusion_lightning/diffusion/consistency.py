@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .conditioning import Cond
 from .denoisers import Denoiser, DenoiserWrapper, Sigma, append_dims, sigma_batch
 from .grids import karras_sigmas, with_zero
 
@@ -52,7 +53,7 @@ class ConsistencyFunction(DenoiserWrapper):
         self.sigma_min, self.sigma_max, self.mid_sigmas = sigma_min, sigma_max, tuple(mid_sigmas)
         self.enforce = enforce
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         s = sigma_batch(sigma, x)
         d, _ = self.inner.predict(x, s, y)
         if not self.enforce:
@@ -151,7 +152,7 @@ def distance(
 # ---------------------------------------------------------------------------------------------------- one ODE step
 @torch.no_grad()
 def ode_step(
-    denoiser: Denoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, y: Tensor | None = None, solver: Solver = "heun"
+    denoiser: Denoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, y: Cond = None, solver: Solver = "heun"
 ) -> Tensor:
     """One step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. eq. 3) from ``sigma``
     to ``sigma_next`` (both (B,), sigma_next > 0): Euler, or Heun's trapezoid (consistency distillation's solver)."""
@@ -182,7 +183,7 @@ def consistency_loss(
     x_prev: Tensor,
     sigma_prev: Tensor,
     x0: Tensor,
-    y: Tensor | None = None,
+    y: Cond = None,
     kind: Distance = "pseudo_huber",
     c: float | None = None,
     shared_dropout: bool = True,

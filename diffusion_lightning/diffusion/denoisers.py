@@ -29,13 +29,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .conditioning import Cond, cond_cat, null_condition
 from .gaussian import GaussianDiffusion, PredictionType, _extract
 from .grids import karras_grid, timestep_sigmas, uniform_t_sigmas
 from .schedules import CosineSchedule, DiscreteTime
 
 Sigma = float | Tensor
-# A network as the adapters call it: net(model input, noise conditioning (B,), class labels or None) -> output.
-Network = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+# A network as the adapters call it: net(model input, noise conditioning (B,), the condition or None) -> output.
+Network = Callable[[Tensor, Tensor, Cond], Tensor]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -68,12 +69,18 @@ class Denoiser:
     sigma_max: float
     #: ``predict`` also returns the variance values v of iDDPM eq. 15 (a 2C-channel network).
     learned_variance: bool = False
+    #: What the model declares to the samplers: x0 lies in [-1, 1] (``clip_denoised`` and ``threshold`` apply; not
+    #: for latents), the reverse variance of ancestral sampling (None: learned_range for a learned-variance model,
+    #: else fixed_small), and the step count when a call gives none (a distilled model's own; None: the grid's).
+    bounded: bool = True
+    variance_type: str | None = None
+    default_steps: int | None = None
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         """x0_hat and, for a learned-variance model, the raw variance values v (else None)."""
         raise NotImplementedError
 
-    def __call__(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Sigma, y: Cond = None) -> Tensor:
         return self.predict(x, sigma, y)[0]
 
     def round_sigma(self, sigma: Tensor) -> Tensor:
@@ -105,9 +112,10 @@ class DiscreteVPDenoiser(Denoiser):
         diffusion: GaussianDiffusion,
         prediction_type: PredictionType = "eps",
         learned_variance: bool = False,
+        variance_type: str | None = None,
     ) -> None:
         self.net, self.diffusion, self.prediction_type = net, diffusion, prediction_type
-        self.learned_variance = learned_variance
+        self.learned_variance, self.variance_type = learned_variance, variance_type
         self.sigmas = diffusion.sigmas  # ascending in t, float64
         self.log_sigmas = self.sigmas.log()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
@@ -131,7 +139,7 @@ class DiscreteVPDenoiser(Denoiser):
     def default_sigmas(self, steps: int | str | None) -> Tensor:
         return timestep_sigmas(self.diffusion, steps)
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         t = self.timestep(sigma).expand(x.shape[0]).to(x.device)
         z = x * _extract(self.diffusion.sqrt_alphas_cumprod, t, x)
         out = self.net(z, t, y).to(x.dtype)
@@ -190,7 +198,7 @@ class ContinuousVPDenoiser(Denoiser):
             return self.schedule.timestep(sigma)
         return 1000.0 * self.schedule.t(sigma) if self.time_input == "t" else -2.0 * sigma.log()
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         s = sigma_batch(sigma, x)
         alpha = append_dims((1.0 + s**2).rsqrt(), x.ndim)
         z = alpha * x
@@ -239,7 +247,7 @@ class EDMPrecond(Denoiser):
         c_in = (sigma**2 + sd2).rsqrt()
         return c_skip, c_out, c_in, 250.0 * sigma.log()
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma_batch(sigma, x))
         out = self.net(append_dims(c_in, x.ndim) * x, c_noise, y).to(x.dtype)
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * out, None
@@ -255,7 +263,7 @@ class GaussianDenoiser(Denoiser):
     def __init__(self, mu: float, s: float, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
         self.mu, self.s, self.sigma_min, self.sigma_max = mu, s, sigma_min, sigma_max
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         s2 = append_dims(sigma_batch(sigma, x), x.ndim) ** 2
         return self.mu + self.s**2 * (x - self.mu) / (self.s**2 + s2), None
 
@@ -265,7 +273,7 @@ def gaussian_eps_network(diffusion: GaussianDiffusion, mu: float, s: float) -> N
     abar s^2 + 1 - abar), E[eps | z_t] = sqrt(1 - abar) (z_t - sqrt(abar) mu) / (abar s^2 + 1 - abar). Wrapped in a
     :class:`DiscreteVPDenoiser` it is :class:`GaussianDenoiser` at the model's levels."""
 
-    def net(z: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def net(z: Tensor, t: Tensor, y: Cond = None) -> Tensor:
         abar = _extract(diffusion.alphas_cumprod, t, z)
         return (1 - abar).sqrt() * (z - abar.sqrt() * mu) / (abar * s**2 + 1 - abar)
 
@@ -278,9 +286,10 @@ class DenoiserWrapper(Denoiser):
     def __init__(self, inner: Denoiser) -> None:
         self.inner = inner
         self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
-        self.learned_variance = inner.learned_variance
+        self.learned_variance, self.bounded = inner.learned_variance, inner.bounded
+        self.variance_type, self.default_steps = inner.variance_type, inner.default_steps
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         return self.inner.predict(x, sigma, y)
 
     def round_sigma(self, sigma: Tensor) -> Tensor:
@@ -300,25 +309,36 @@ class Clipped(DenoiserWrapper):
         super().__init__(inner)
         self.threshold = threshold
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         x0, v = self.inner.predict(x, sigma, y)
         return (x0.clamp(-1, 1) if self.threshold is None else dynamic_threshold(x0, self.threshold)), v
 
 
-class Conditioned(DenoiserWrapper):
-    """The class labels ``y`` bound into every call that gives none."""
+class Unbounded(DenoiserWrapper):
+    """Declares that x0 is no image in [-1, 1] (a latent model's): the samplers neither clip nor threshold it."""
 
-    def __init__(self, inner: Denoiser, y: Tensor | None) -> None:
+    bounded = False
+
+    def __init__(self, inner: Denoiser) -> None:
+        super().__init__(inner)
+        self.bounded = False
+
+
+class Conditioned(DenoiserWrapper):
+    """The condition ``y`` (labels or a :class:`~.conditioning.Condition`) bound into every call that gives none."""
+
+    def __init__(self, inner: Denoiser, y: Cond) -> None:
         super().__init__(inner)
         self.y = y
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         return self.inner.predict(x, sigma, self.y if y is None else y)
 
 
 class Guided(DenoiserWrapper):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): D_w(x, sigma, y) = D(x, sigma, null) + w (D(x, sigma, y)
-    - D(x, sigma, null)), with ``null`` the label the network was trained to read as "no class".
+    - D(x, sigma, null)), with ``null`` the condition the network was trained to read as "none": for labels the
+    class ``null_label``, for tokens and images their null values (:func:`~.conditioning.null_condition`).
 
     At a fixed x and sigma, x0_hat is affine in eps_hat with weights that sum to one over the two calls (x0 = x - sigma
     eps), so guiding x0_hat is guiding eps_hat exactly as the paper writes it, for every prediction type. w = 1 is the
@@ -326,16 +346,16 @@ class Guided(DenoiserWrapper):
     stacked twice; a learned variance is the conditional one's (as GLIDE).
     """
 
-    def __init__(self, inner: Denoiser, guidance: float, null_label: int) -> None:
+    def __init__(self, inner: Denoiser, guidance: float, null_label: int | None = None) -> None:
         super().__init__(inner)
-        self.guidance, self.null_label = float(guidance), int(null_label)
+        self.guidance, self.null_label = float(guidance), null_label
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         if y is None:
-            raise ValueError("classifier-free guidance needs class labels y")
-        s = torch.as_tensor(sigma)
-        s2 = s if s.ndim == 0 else torch.cat([s.reshape(-1), s.reshape(-1)])
-        x0, v = self.inner.predict(torch.cat([x, x]), s2, torch.cat([y, torch.full_like(y, self.null_label)]))
+            raise ValueError("classifier-free guidance needs a condition y")
+        # a number (or 0-d tensor) is passed on as it is: a float64 sigma must not be rounded to float32 here
+        s2 = sigma if not isinstance(sigma, Tensor) or sigma.ndim == 0 else torch.cat([sigma.reshape(-1)] * 2)
+        x0, v = self.inner.predict(torch.cat([x, x]), s2, cond_cat([y, null_condition(y, self.null_label)]))
         x0_c, x0_u = x0.chunk(2)
         return x0_u + self.guidance * (x0_c - x0_u), None if v is None else v.chunk(2)[0]
 
@@ -347,6 +367,6 @@ class Counted(DenoiserWrapper):
         super().__init__(inner)
         self.nfe = 0
 
-    def predict(self, x: Tensor, sigma: Sigma, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         self.nfe += 1
         return self.inner.predict(x, sigma, y)

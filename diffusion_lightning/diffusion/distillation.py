@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .conditioning import Cond
 from .denoisers import Denoiser, append_dims
 from .losses import Weighting, loss_weight, mean_flat
 
@@ -30,7 +31,7 @@ class Time(Protocol):
     def sigma(self, t: Tensor) -> Tensor: ...
 
 
-def ddim_step(denoiser: Denoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, y: Tensor | None = None) -> Tensor:
+def ddim_step(denoiser: Denoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, y: Cond = None) -> Tensor:
     """One deterministic DDIM step per sample from ``sigma`` to ``sigma_next`` ((B,) each; 0 gives x0_hat)."""
     x0 = denoiser(x, sigma, y)
     return x0 + append_dims(sigma_next / sigma, x.ndim) * (x - x0)
@@ -47,7 +48,7 @@ def step_levels(time: Time, i: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.no_grad()
 def distillation_target(
-    teacher: Denoiser, x: Tensor, sigma: Tensor, sigma_mid: Tensor, sigma_next: Tensor, y: Tensor | None = None
+    teacher: Denoiser, x: Tensor, sigma: Tensor, sigma_mid: Tensor, sigma_next: Tensor, y: Cond = None
 ) -> Tensor:
     """x~ (module docstring): the x0_hat with which one student DDIM step sigma -> sigma_next reproduces two teacher
     DDIM steps sigma -> sigma_mid -> sigma_next. The teacher's predictions are not clipped (the reference code)."""
@@ -62,7 +63,7 @@ def distillation_loss(
     x0: Tensor,
     time: Time,
     n: int,
-    y: Tensor | None = None,
+    y: Cond = None,
     weighting: Weighting = "truncated_snr",
 ) -> Tensor:
     """Per-sample loss of Alg. 2 for a student on the ``n``-step grid: i ~ U{1..n}, x = x0 + sigma eps, target x~ of

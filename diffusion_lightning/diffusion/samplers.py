@@ -85,10 +85,11 @@ def ddpm_sample(
     beta~ = beta (1 - alpha_bar_next) / (1 - alpha_bar) (DDPM eq. 7). The posterior mean at x0_hat is
     x0 + (sigma_next / sigma)^2 (x - x0) and the variance, in x = z / alpha, is Sigma / alpha_bar_next with Sigma =
     beta~ (``fixed_small``), beta (``fixed_large``, DDPM Sec. 3.2) or exp(frac log beta + (1 - frac) log beta~) with
-    frac = (v + 1) / 2 from the model (``learned_range``, iDDPM eq. 15). None: learned_range for a learned-variance
-    denoiser, else fixed_small. The step to 0 returns x0 (no noise)."""
+    frac = (v + 1) / 2 from the model (``learned_range``, iDDPM eq. 15). None: the denoiser's own
+    (``variance_type``), else learned_range for a learned-variance denoiser and fixed_small otherwise. The step to 0
+    returns x0 (no noise)."""
     if variance_type is None:
-        variance_type = "learned_range" if denoiser.learned_variance else "fixed_small"
+        variance_type = denoiser.variance_type or ("learned_range" if denoiser.learned_variance else "fixed_small")
     if variance_type not in ("fixed_small", "fixed_large", "learned_range"):
         raise ValueError(f"unknown variance_type {variance_type!r}: use fixed_small, fixed_large or learned_range")
     if variance_type == "learned_range" and not denoiser.learned_variance:

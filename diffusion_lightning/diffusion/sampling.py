@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .conditioning import Cond
 from .denoisers import Clipped, Conditioned, Counted, Denoiser
 from .grids import sampling_sigmas
 from .samplers import Progress, consistency_sample, ddim_sample, ddpm_sample, dpmpp_2m_sample, heun_sample
@@ -67,7 +68,7 @@ def sample(
     rho: float = 7.0,
     clip_denoised: bool = True,
     threshold: float | None = None,
-    y: Tensor | None = None,
+    y: Cond = None,
     generator: torch.Generator | None = None,
     progress: Progress | None = None,
     **options: Any,
@@ -76,13 +77,15 @@ def sample(
     (:func:`~.grids.sampling_sigmas`).
 
     ``clip_denoised`` clips x0_hat to [-1, 1] at every step, ``threshold`` (a percentile) applies Imagen's dynamic
-    thresholding instead; ``y`` are class labels; ``options`` go to the sampler (e.g. ``eta``, ``variance_type``,
+    thresholding instead (neither where the denoiser declares x0 unbounded, a latent model); ``steps`` None: the
+    denoiser's own (``default_steps``); ``y`` is the condition (class labels or a
+    :class:`~.conditioning.Condition`); ``options`` go to the sampler (e.g. ``eta``, ``variance_type``,
     ``s_churn``).
     """
     check_sampler(name, options)
-    sigmas = sampling_sigmas(denoiser, steps, grid, rho)
+    sigmas = sampling_sigmas(denoiser, denoiser.default_steps if steps is None else steps, grid, rho)
     wrapped: Denoiser = denoiser
-    if threshold is not None or clip_denoised:
+    if (threshold is not None or clip_denoised) and denoiser.bounded:
         wrapped = Clipped(wrapped, threshold)
     if y is not None:
         wrapped = Conditioned(wrapped, y)

@@ -7,8 +7,9 @@ from .consistency_training import ConsistencyTraining
 from .consistency_tuning import ConsistencyTuning
 from .continuous_diffusion import ContinuousDiffusion
 from .ddpm import DDPM
+from .edm import EDM
+from .first_stage import LatentSpace, PixelSpace
 from .improved_ddpm import ImprovedDDPM
-from .latent_diffusion import LatentDiffusion
 from .progressive_distillation import ProgressiveDistillation
 
 __all__ = [
@@ -19,7 +20,9 @@ __all__ = [
     "ConsistencyTuning",
     "ContinuousDiffusion",
     "DiffusionModel",
+    "EDM",
     "ImprovedDDPM",
-    "LatentDiffusion",
+    "LatentSpace",
+    "PixelSpace",
     "ProgressiveDistillation",
 ]

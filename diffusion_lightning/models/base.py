@@ -1,184 +1,53 @@
-"""What every diffusion recipe shares: the sampling pipeline (prior noise -> sampler -> decode), the optimiser and LR
-schedule from config, per-rank seeding, RNG state in checkpoints and the logged gradient norm.
+"""The engine every diffusion recipe runs on (Stability-AI/generative-models' ``DiffusionEngine``): a network, a first
+stage, a conditioner and a sampler setting injected as components, one training template, one sampling pipeline.
 
-A recipe subclasses :class:`DiffusionModel`, defines its training step and :meth:`~DiffusionModel.denoiser` (its
-network presented through the denoiser contract of :mod:`diffusion_lightning.diffusion.denoisers`), and, for a
-latent model, :meth:`~DiffusionModel.decode`. Callbacks and entry points only use :meth:`~DiffusionModel.sample`,
-``image_shape``, ``num_classes`` and ``sampler``.
+A recipe subclasses :class:`DiffusionModel` and defines two things: :meth:`~DiffusionModel.loss`, the per-sample
+training loss on ``x0`` (in the space it diffuses in) under a condition, and :meth:`~DiffusionModel.denoiser`, its
+network presented through the denoiser contract of :mod:`diffusion_lightning.diffusion.denoisers`. Training is, for
+every recipe and stage: batch -> first-stage encode -> conditioner -> classifier-free dropout -> loss -> weights ->
+logs (:meth:`~DiffusionModel.shared_step`); sampling is prior noise -> sampler -> decode
+(:meth:`~DiffusionModel.sample`). Callbacks and entry points only use :meth:`~DiffusionModel.sample`, ``image_shape``,
+``num_classes`` and ``sampler``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
-import random
-import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from diffusion_lightning.diffusion import Denoiser, Guided, sample
+from diffusion_lightning.diffusion.conditioning import Cond, cond_map, drop_condition
+from diffusion_lightning.diffusion.denoisers import Unbounded
 from diffusion_lightning.diffusion.sampling import check_sampler
 from diffusion_lightning.errors import UserError
 
-from .global_batch import GlobalBatchDraws
-
-log = logging.getLogger(__name__)
-
-#: Written into every checkpoint; 1 (absent) = before the denoiser contract (issue 14). See
-#: :func:`diffusion_lightning.checkpoint.upgrade_run_config`.
-CHECKPOINT_FORMAT = 2
+from .conditioners import ClassLabels
+from .first_stage import PixelSpace
+from .lr_schedules import linear_warmup  # noqa: F401 - checkpoints before issue 29 name it here
+from .run_module import RunModule
+from .speed import _COMPILED, _EagerFallback, compiled
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+#: What :meth:`DiffusionModel.loss` returns: the per-sample loss, or it and named extra values (module docstring).
+LossOutput = Tensor | tuple[Tensor, dict[str, Tensor]]
 
 
-def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning rate ramped linearly from lr / warmup_steps to lr over the first ``warmup_steps`` optimizer
-    steps, then constant (DDPM: 5000 steps)."""
-    warmup = max(int(warmup_steps), 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-
-
-class RunModule(L.LightningModule):
-    """What every LightningModule of a run shares (the diffusion recipes and the stage-1 autoencoder): the run config
-    and RNG state in its checkpoints, the NaN/Inf watch that never lets a checkpoint of non-finite weights be written,
-    and eval mode for inference."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # The resolved run config (set by the training entry); saved so a checkpoint rebuilds its model.
-        self.run_config: dict[str, Any] | None = None
-        self._first_nonfinite_step: Tensor | None = None  # see watch_finite
-        self._shared_rng: dict[str, torch.Generator] | None = None  # see share_rng
-        # A non-finite loss: "stop" the run (the checkpoints before it kept) or "skip" the step (set by the training
-        # entry from the run config's ``nonfinite``; see optimizer_step).
-        self.nonfinite = "stop"
-        self.skipped_steps = 0
-        self._skips_in_a_row = 0
-
-    @contextlib.contextmanager
-    def eval_mode(self) -> Iterator[None]:
-        """Eval mode (no dropout) inside, the previous mode restored after."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
-    def is_logging_step(self) -> bool:
-        """Whether this training step's logged values reach the loggers (every ``trainer.log_every_n_steps``)."""
-        return self._trainer is None or self.trainer._logger_connector.should_update_logs
-
-    def watch_finite(self, loss: Tensor) -> None:
-        """Note the first optimizer step whose training loss is NaN/Inf, on the device (no synchronisation); it is
-        checked by :meth:`check_finite` at logging steps, before every checkpoint is written and at the end."""
-        bad = ~torch.isfinite(loss.detach())
-        if self._first_nonfinite_step is None:
-            self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first = self._first_nonfinite_step
-        self._first_nonfinite_step = torch.where(bad & (first < 0), self.global_step, first)
-
-    def check_finite(self) -> None:
-        """Raise ``FloatingPointError`` naming the first step with a non-finite loss, if there was one."""
-        if self._first_nonfinite_step is not None and (step := int(self._first_nonfinite_step)) >= 0:
-            raise FloatingPointError(
-                f"non-finite training loss at global step {step} (the weights after it are not finite); lower "
-                "model.optimizer.lr, raise the warm-up or check the data. Checkpoints written before it are kept."
-            )
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.is_logging_step():
-            self.check_finite()
-
-    def on_train_end(self) -> None:
-        self.check_finite()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_finite()  # never write a checkpoint of weights that a non-finite loss has updated
-        if self.run_config is not None:
-            checkpoint["run_config"] = self.run_config
-        checkpoint["format"] = CHECKPOINT_FORMAT
-        checkpoint["rng_states"] = _rng_states()
-        checkpoint["skipped_steps"] = self.skipped_steps
-        if self._shared_rng is not None:
-            checkpoint["shared_rng_states"] = {kind: g.get_state() for kind, g in self._shared_rng.items()}
-        if rebuild := self.rebuild_kwargs():
-            checkpoint["rebuild_kwargs"] = rebuild
-
-    def rebuild_kwargs(self) -> dict[str, Any]:
-        """Arguments that replace the run config's when a checkpoint rebuilds this module: what points at other files
-        (a first stage, a teacher) is replaced by their stored configs, the weights then come from the state dict."""
-        return {}
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """With ``nonfinite="skip"``: the forward and backward run first, and the update is skipped (the step still
-        counts, as a gradient scaler's skipped steps do) when the gradient is not finite. Gradients are checked, not
-        the loss: under DDP they are the same on every rank after their all-reduce, so all ranks skip together.
-        Skips are counted (``train/skipped_steps``, in checkpoints); 20 in a row stop the run."""
-        if self.nonfinite != "skip" or optimizer_closure is None:
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        loss = optimizer_closure()
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
-            self._skips_in_a_row = 0
-            return optimizer.step(closure=lambda: loss)
-        self.skipped_steps += 1
-        self._skips_in_a_row += 1
-        optimizer.zero_grad()
-        log.warning(f"non-finite gradient at global step {self.global_step}: update skipped "
-                    f"({self.skipped_steps} skipped so far)")  # fmt: skip
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
-        if self._skips_in_a_row >= 20:
-            raise FloatingPointError(
-                f"20 steps in a row with a non-finite gradient, up to global step {self.global_step}: lower "
-                "model.optimizer.lr or check the data. Checkpoints written before are kept."
-            )
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
-        # Restoring the RNG makes a resumed run draw the same data order, t and noise as an
-        # uninterrupted one (exact when resuming at an epoch boundary on one process).
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
-            if self._trainer is not None and self.trainer.world_size > 1:
-                self.share_rng(checkpoint.get("shared_rng_states"))
-                if self.global_rank > 0:
-                    torch.manual_seed(int(torch.randint(2**31, (1,))) + 1000003 * self.global_rank)
-
-    def share_rng(self, states: dict[str, Tensor] | None = None) -> None:
-        """Under DDP: the generators all ranks share for the global batch's draws (:meth:`global_batch_draws`), from
-        ``states`` (a checkpoint's) or a copy of rank 0's default generators (broadcast: equal on all ranks even in an
-        unseeded run)."""
-        device, strategy = self.trainer.strategy.root_device, self.trainer.strategy
-        self._shared_rng = {"cpu": torch.Generator()}
-        self._shared_rng["cpu"].set_state(strategy.broadcast(torch.get_rng_state()))
-        if device.type == "cuda":
-            self._shared_rng["cuda"] = torch.Generator(device=device)
-            self._shared_rng["cuda"].set_state(strategy.broadcast(torch.cuda.get_rng_state(device)))
-        for kind, state in (states or {}).items():
-            if kind in self._shared_rng:
-                self._shared_rng[kind].set_state(state)
-
-    def global_batch_draws(self, batch_size: int) -> contextlib.AbstractContextManager:
-        """Under DDP, the per-sample draws inside are made for the global batch and sliced to this rank's rows
-        (:class:`~diffusion_lightning.models.global_batch.GlobalBatchDraws`); a no-op on one process."""
-        if self._trainer is None or self.trainer.world_size == 1 or self._shared_rng is None:
-            return contextlib.nullcontext()
-        return GlobalBatchDraws(batch_size, self.trainer.world_size, self.global_rank, self._shared_rng)
+def weighted_mean(out: LossOutput) -> Tensor:
+    """The batch mean of a :meth:`DiffusionModel.loss` output, its ``weights`` applied: what training minimises."""
+    loss, extras = out if isinstance(out, tuple) else (out, {})
+    return (loss * extras["weights"] if "weights" in extras else loss).mean()
 
 
 class DiffusionModel(RunModule):
     """Base of the recipes (module docstring).
 
     Args:
-        net: the network; it gives the default ``image_shape`` (``in_channels``, ``image_size``) and ``num_classes``.
+        net: the network; it gives a pixel model's ``image_shape`` (``in_channels``, ``image_size``).
         sampler: the model's own sampler settings (a ``conf/sampler`` entry: ``name``, ``steps``, ``grid``, options),
             used whenever a caller names none.
         optimizer: a factory ``optimizer(params)`` (a Hydra ``_partial_`` target); default AdamW(lr=2e-4).
@@ -188,12 +57,19 @@ class DiffusionModel(RunModule):
         compile: run the training forward through ``torch.compile`` of the network (eval, sampling and the EMA copy
             stay eager); None: on when training on a CUDA device. Where compilation is unsupported or fails, one
             log line says so and the run goes on eagerly.
-        class_dropout: for a class-conditional network, the probability p that a training label is replaced by the
-            null class (label ``num_classes``), so that one network learns the conditional and the unconditional
-            denoiser (classifier-free guidance, Ho & Salimans 2022, Alg. 1; they use p = 0.1 or 0.2).
+        class_dropout: the probability p that a training sample's whole condition is replaced by its null value
+            (label ``num_classes``, zero tokens, a zero image), so that one network learns the conditional and the
+            unconditional denoiser (classifier-free guidance, Ho & Salimans 2022, Alg. 1; they use p = 0.1 or 0.2).
         guidance: the guidance scale w sampling uses when a call names none (None or 1: the conditional denoiser);
             needs ``class_dropout > 0``.
+        first_stage: the space the recipe diffuses in: :class:`~.first_stage.PixelSpace` (None) or a
+            :class:`~.first_stage.LatentSpace`.
+        conditioner: what turns a batch into the condition (:mod:`.conditioners`); None: the class labels when
+            ``net.num_classes`` is set, else no condition.
     """
+
+    #: False for a recipe whose first stage and conditioner are another model's (a student's are its teacher's).
+    owns_components = True
 
     def __init__(
         self,
@@ -205,9 +81,15 @@ class DiffusionModel(RunModule):
         compile: bool | None = None,
         class_dropout: float = 0.0,
         guidance: float | None = None,
+        first_stage: nn.Module | None = None,
+        conditioner: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.net = net
+        first_stage = first_stage if first_stage is not None else PixelSpace()
+        if self.owns_components:
+            self.first_stage = first_stage
+            self.conditioner = conditioner if conditioner is not None else ClassLabels(net.num_classes)
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout is a probability in [0, 1), got {class_dropout}")
         self.class_dropout, self.guidance = float(class_dropout), guidance
@@ -225,63 +107,72 @@ class DiffusionModel(RunModule):
                 )
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=2e-4)
         self.lr_scheduler_factory = lr_scheduler
+        if (latent := first_stage.latent_shape) is not None and hasattr(net, "image_size"):
+            net_shape = (net.in_channels, net.image_size, net.image_size)
+            if tuple(latent) != net_shape:
+                raise UserError(
+                    f"the first stage's latents have shape {tuple(latent)} but the network takes {net_shape}: set "
+                    f"model.net.in_channels={latent[0]} and model.net.image_size={latent[1]}"
+                )
 
     # ------------------------------------------------------------------ what callers ask
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images :meth:`sample` returns."""
-        return (self.net.in_channels, self.net.image_size, self.net.image_size)
+        return self.first_stage.image_shape or (self.net.in_channels, self.net.image_size, self.net.image_size)
 
     @property
     def num_classes(self) -> int | None:
         """Number of classes of a class-conditional model, else None."""
-        return self.net.num_classes
+        return self.conditioner.num_classes
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample in the space the sampler runs in (the image for a pixel model)."""
-        return self.image_shape
+        return self.first_stage.latent_shape or self.image_shape
 
     def denoiser(self) -> Denoiser:
-        """The network through the denoiser contract: D(x, sigma, y) -> x0_hat."""
+        """The network through the denoiser contract: D(x, sigma, cond) -> x0_hat."""
         raise NotImplementedError
 
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] in the space the model diffuses in (the identity for a pixel model)."""
-        return x
+        return self.first_stage.encode(x)
 
     def decode(self, x: Tensor) -> Tensor:
         """The sampler's output as images in [-1, 1] (the identity for a pixel model)."""
-        return x
+        return self.first_stage.decode(x)
 
     def network(self, x: Tensor, *args: Any) -> Tensor:
         """``net(x, *args)`` with the speed options: ``x`` in channels-last format when ``channels_last``, and in
-        training mode the compiled network when ``compile`` (see :func:`compiled`)."""
+        training mode the compiled network when ``compile`` (see :func:`~.speed.compiled`)."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         use_compile = self.compile if self.compile is not None else x.is_cuda
         net = compiled(self.net) if use_compile and self.training else self.net
         return net(x, *args)
 
-    def drop_labels(self, y: Tensor | None) -> Tensor | None:
-        """Training labels with each replaced by the null class ``num_classes`` with probability ``class_dropout``."""
-        if y is None or not self.num_classes or self.class_dropout == 0:
-            return y
-        drop = torch.rand(y.shape, device=y.device) < self.class_dropout
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+    def condition(self, x: Tensor | None, y: Tensor | None) -> Cond:
+        """The conditioner's condition for images ``x`` (None when sampling) and labels ``y``."""
+        return self.conditioner(x, y)
 
     def guided_denoiser(self, guidance: float | None) -> Denoiser:
-        """:meth:`denoiser`, under classifier-free guidance with scale ``guidance`` (None or 1: unguided)."""
+        """:meth:`denoiser`, under classifier-free guidance with scale ``guidance`` (None or 1: unguided), declaring
+        that a latent model's x0 is no image (no clipping)."""
+        denoiser = self.denoiser()
+        if not self.first_stage.bounded:
+            denoiser = Unbounded(denoiser)
         if guidance is None or guidance == 1:
-            return self.denoiser()
-        if not self.num_classes:
-            raise UserError(f"guidance={guidance} needs a class-conditional model (model.net.num_classes is null)")
+            return denoiser
+        if not self.num_classes and isinstance(self.conditioner, ClassLabels):
+            raise UserError(f"guidance={guidance} needs a conditional model (model.net.num_classes is null)")
         if self.class_dropout == 0:
             raise UserError(
-                f"guidance={guidance} needs a model trained with label dropout: this one has model.class_dropout=0, so "
-                "its null class was never trained. Train with model.class_dropout=0.1, or sample with guidance=null"
+                f"guidance={guidance} needs a model trained with condition dropout: this one has "
+                "model.class_dropout=0, so its null condition was never trained. Train with model.class_dropout=0.1, "
+                "or sample with guidance=null"
             )
-        return Guided(self.denoiser(), guidance, null_label=self.num_classes)
+        return Guided(denoiser, guidance, null_label=self.num_classes)
 
     @property
     def compiled_network_active(self) -> bool:
@@ -292,8 +183,11 @@ class DiffusionModel(RunModule):
 
     def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
         """The sampler settings a call runs with: ``sampler`` (or the model's own when None) updated by
-        ``overrides``; a :class:`~diffusion_lightning.errors.UserError` names what is wrong with them."""
+        ``overrides``; a :class:`~diffusion_lightning.errors.UserError` names what is wrong with them. What the model
+        itself decides (clipping, the variance, a distilled step count) its denoiser declares."""
         spec = {**(self.sampler if sampler is None else sampler), **overrides}
+        if spec.get("steps") is None and (steps := self.denoiser().default_steps) is not None:
+            spec["steps"] = steps  # e.g. a distilled model's own step count
         try:
             check_sampler(spec.get("name", ""), {k: v for k, v in spec.items() if k != "name"})
         except ValueError as e:
@@ -307,6 +201,7 @@ class DiffusionModel(RunModule):
         *,
         noise: Tensor | None = None,
         y: Tensor | None = None,
+        cond: Cond = None,
         generator: torch.Generator | None = None,
         progress: Any = None,
         sampler: Mapping[str, Any] | None = None,
@@ -317,10 +212,11 @@ class DiffusionModel(RunModule):
         """Images in [-1, 1]: prior noise -> sampler -> :meth:`decode`, in eval mode.
 
         ``noise`` (standard normal, ``sample_shape``) or ``num_samples`` of it drawn from ``generator``; ``y`` class
-        labels (random ones from ``generator`` for a class-conditional model when None); ``sampler`` replaces the
-        model's own settings and ``overrides`` update them (e.g. ``steps=20``); ``guidance`` the classifier-free
-        guidance scale (None: the model's own). With ``return_nfe`` also the counted network evaluations per sample
-        (a guided evaluation is one call on a doubled batch).
+        labels (random ones from ``generator`` for a class-conditional model when None) made into the condition by
+        the conditioner, or ``cond`` the condition itself (tokens, an image); ``sampler`` replaces the model's own
+        settings and ``overrides`` update them (e.g. ``steps=20``); ``guidance`` the classifier-free guidance scale
+        (None: the model's own). With ``return_nfe`` also the counted network evaluations per sample (a guided
+        evaluation is one call on a doubled batch).
         """
         spec = self.sampler_spec(sampler, **overrides)
         name = spec.pop("name")
@@ -329,27 +225,52 @@ class DiffusionModel(RunModule):
                 raise ValueError("give num_samples or noise")
             noise = torch.randn(num_samples, *self.sample_shape, generator=generator)
         noise = noise.to(self.device)
-        if self.num_classes and y is None:
-            y = torch.randint(0, self.num_classes, (noise.shape[0],), generator=generator)
-        y = y.to(self.device) if y is not None and self.num_classes else None
+        if cond is None:
+            if self.num_classes and y is None:
+                y = torch.randint(0, self.num_classes, (noise.shape[0],), generator=generator)
+            y = y.to(self.device) if y is not None and self.num_classes else None
+            cond = self.condition(None, y) if y is not None else None
+        cond = cond_map(cond, lambda t: t.to(self.device))
         denoiser = self.guided_denoiser(self.guidance if guidance is None else guidance)
         with self.eval_mode():
-            out = sample(denoiser, noise, name, y=y, generator=generator, progress=progress, **spec)
+            out = sample(denoiser, noise, name, y=cond, generator=generator, progress=progress, **spec)
             images = self.decode(out.x).clamp(-1, 1)
         return (images, out.nfe) if return_nfe else images
 
     # ------------------------------------------------------------------ training
-    def loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
-        """The recipe's per-sample training loss on ``x0`` (in the space it diffuses in, :meth:`encode`d)."""
+    def loss(self, x0: Tensor, cond: Cond) -> LossOutput:
+        """The recipe's per-sample training loss (B,) on ``x0`` (in the space it diffuses in) under ``cond``; or
+        (loss, extras): ``extras["weights"]`` (B,) multiplies the loss, every other entry's mean is logged as
+        ``<stage>/<name>``, except names starting with ``_``, which only :meth:`on_loss` sees."""
         raise NotImplementedError
 
+    def on_loss(self, loss: Tensor, extras: dict[str, Tensor], stage: str) -> None:
+        """Called after every training and validation loss with the per-sample loss (detached, before weights) and
+        the extras (a recipe's loss statistics, e.g. DDPM's per-quarter losses)."""
+
+    def step_values(self) -> dict[str, float]:
+        """Values of the training step logged under these names with no reduction (e.g. a curriculum's level)."""
+        return {}
+
     def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        """The mean of :meth:`loss` on a batch of (images, labels) in ``stage`` (``train``: labels dropped for
-        guidance; or ``val``), logged as ``<stage>/loss``."""
+        """The template (module docstring): the mean weighted :meth:`loss` of a batch of (images, labels) in
+        ``stage`` (``train``: the condition dropped for guidance; or ``val``), logged as ``<stage>/loss``."""
         x, y = batch
-        loss = self.loss(self.encode(x), self.drop_labels(y) if stage == "train" else y).mean()
-        self.log_loss(loss, stage, len(x))
-        return loss
+        x0, cond = self.encode(x), self.condition(x, y)
+        if stage == "train":
+            cond = drop_condition(cond, self.class_dropout, self.num_classes)
+        out = self.loss(x0, cond)
+        loss, extras = out if isinstance(out, tuple) else (out, {})
+        mean = weighted_mean(out)
+        self.log_loss(mean, stage, len(x))
+        for name, value in extras.items():
+            if name != "weights" and not name.startswith("_"):
+                self.log(f"{stage}/{name}", value.mean(), batch_size=len(x), sync_dist=stage != "train")
+        if stage == "train":
+            for name, value in self.step_values().items():
+                self.log(name, float(value), batch_size=1)
+        self.on_loss(loss.detach(), extras, stage)
+        return mean
 
     def log_loss(self, loss: Tensor, stage: str, batch_size: int) -> None:
         """``<stage>/loss``, the mean over ranks (a scalar all-reduce, no host synchronisation): in training per step
@@ -402,6 +323,9 @@ class DiffusionModel(RunModule):
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), batch_size=1)
 
+    def on_fit_start(self) -> None:
+        self.first_stage.on_fit_start(self)
+
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
@@ -421,60 +345,10 @@ class DiffusionModel(RunModule):
             if self.global_rank > 0:
                 torch.manual_seed(torch.initial_seed() + 1000003 * self.global_rank)
 
-
-
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable[..., Tensor]] = weakref.WeakKeyDictionary()
-
-
-def compiled(net: nn.Module) -> Callable[..., Tensor]:
-    """``torch.compile(net)``, made once per network (kept outside the module, so its ``state_dict`` and copies of it
-    are unchanged); where compilation is unsupported or fails, one log line and ``net`` itself (eager) from then on.
-    """
-    if net not in _COMPILED:
-        if not torch._dynamo.is_dynamo_supported():
-            log.warning("torch.compile is not supported on this Python/platform: the network runs eagerly")
-            _COMPILED[net] = net
-        else:
-            _COMPILED[net] = _EagerFallback(net, torch.compile(net))
-    return _COMPILED[net]
-
-
-class _EagerFallback:
-    """Calls the compiled network; if compiling it fails (no C++ compiler, an unsupported op), logs why once and
-    calls the eager network from then on."""
-
-    def __init__(self, net: nn.Module, compiled_net: Callable[..., Tensor]) -> None:
-        self.net, self.compiled_net = net, compiled_net
-
-    def __call__(self, *args: Any) -> Tensor:
-        if self.compiled_net is not None:
-            try:
-                return self.compiled_net(*args)
-            except Exception as e:  # torch._dynamo / inductor errors have no common public base class
-                log.warning(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the network "
-                            "runs eagerly (set model.compile=false to skip the attempt)")
-                self.compiled_net = None
-        return self.net(*args)
-
-
-def _rng_states() -> dict[str, Any]:
-    """RNG states as tensors and ints only, so checkpoints load with ``weights_only=True``."""
-    np_state = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *map(int, np_state[2:4]), float(np_state[4])],
-        "python": [list(random.getstate()[1]), random.getstate()[0]],
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    py_state, version = states["python"]
-    random.setstate((version, tuple(py_state), None))
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    # ------------------------------------------------------------------ checkpoints
+    def rebuild_kwargs(self) -> dict[str, Any]:
+        """The components built from other files (a first stage, a teacher), as the configs that rebuild them
+        (``component_config``, set by their loaders); the weights then come from this checkpoint's state dict."""
+        return {name: {"_target_": "diffusion_lightning.checkpoint.build_component", "_recursive_": False,
+                       "config": module.component_config}
+                for name, module in self.named_children() if getattr(module, "component_config", None)}  # fmt: skip

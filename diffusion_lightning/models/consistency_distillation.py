@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffusion_lightning.diffusion.conditioning import Cond
 from diffusion_lightning.diffusion.consistency import (
     ConsistencyFunction,
     Distance,
@@ -21,6 +22,7 @@ from diffusion_lightning.diffusion.consistency import (
 from diffusion_lightning.diffusion.denoisers import append_dims
 from diffusion_lightning.errors import UserError
 
+from .base import DiffusionModel
 from .consistency_training import DistanceChoice
 from .student import StudentModel
 
@@ -36,7 +38,7 @@ class ConsistencyDistillation(StudentModel):
     themselves, with the same dropout mask).
 
     Args:
-        teacher_ckpt, teacher_config, dropout: see :class:`~.student.StudentModel`.
+        teacher, dropout: see :class:`~.student.StudentModel`.
         num_levels: N (Song et al. on CIFAR-10: 18).
         solver: ``heun`` (the paper's) or ``euler``.
         mu: the target network's EMA decay (Song et al.: 0.95 on ImageNet 64 and LSUN).
@@ -49,8 +51,7 @@ class ConsistencyDistillation(StudentModel):
 
     def __init__(
         self,
-        teacher_ckpt: str | None = None,
-        teacher_config: str | None = None,
+        teacher: DiffusionModel | None = None,
         num_levels: int = 18,
         solver: Solver = "heun",
         mu: float = 0.95,
@@ -69,8 +70,8 @@ class ConsistencyDistillation(StudentModel):
         if not 0.0 <= mu < 1.0:
             raise UserError(f"mu is a decay in [0, 1), got {mu}")
         kwargs = {"sampler": {"name": "consistency", "steps": 1}, **kwargs}
-        super().__init__(teacher_ckpt, teacher_config, dropout, recipe=("consistency distillation", "cd"), **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        super().__init__(teacher, dropout, recipe=("consistency distillation", "cd"), **kwargs)
+        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
         self.sigmas = karras_levels(num_levels, sigma_min, sigma_max, rho)
         self.solver, self.mu, self.huber_c = solver, mu, huber_c
         self.distance = DistanceChoice(distance, lpips)
@@ -85,15 +86,16 @@ class ConsistencyDistillation(StudentModel):
     def denoiser(self) -> ConsistencyFunction:
         return self.consistency_function()
 
-    def loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
+    def loss(self, x0: Tensor, cond: Cond) -> Tensor:
         """Per-sample d(f(x_{n+1}, sigma_{n+1}), sg f^-(x^_n, sigma_n)) with x^_n one teacher ODE step from x_{n+1}."""
         n = torch.randint(0, len(self.sigmas) - 1, (x0.shape[0],))
         lo, hi = self.sigmas[n].to(x0), self.sigmas[n + 1].to(x0)
         x_hi = x0 + append_dims(hi, x0.ndim) * torch.randn_like(x0)
         with torch.no_grad():
-            x_lo = ode_step(self.teacher_denoiser(), x_hi, hi, lo, y, self.solver)
+            x_lo = ode_step(self.teacher_denoiser(), x_hi, hi, lo, cond, self.solver)
         f_target = self.consistency_function(self.target_net)
-        return consistency_loss(self.denoiser(), f_target, x_hi, hi, x_lo, lo, x0, y, self.distance.kind, self.huber_c,
+        return consistency_loss(self.denoiser(), f_target, x_hi, hi, x_lo, lo, x0, cond, self.distance.kind,
+                                self.huber_c,
                                 shared_dropout=self.target_net is None,
                                 perceptual=self.distance.network(x0.device)).float()  # fmt: skip
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lightning.diffusion import EDMPrecond
+from diffusion_lightning.diffusion.conditioning import Cond
 from diffusion_lightning.diffusion.consistency import (
     ConsistencyFunction,
     Distance,
@@ -74,7 +75,7 @@ class ConsistencyTraining(DiffusionModel):
         **kwargs: Any,
     ) -> None:
         super().__init__(net, **{"sampler": {"name": "consistency", "steps": 1}, **kwargs})
-        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler", "first_stage", "conditioner"])
         if net.out_channels != net.in_channels:
             raise UserError(f"set model.net.out_channels={net.in_channels} (got {net.out_channels})")
         if curriculum not in ("ct", "ict") or level_sampling not in ("uniform", "lognormal"):
@@ -94,12 +95,12 @@ class ConsistencyTraining(DiffusionModel):
         self.target_net = copy.deepcopy(net).requires_grad_(False) if mu0 > 0 else None
         self._levels: tuple[int, Tensor, Tensor | None] | None = None  # the current N's levels (see levels)
 
-    def forward(self, x: Tensor, c_noise: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.network(x, c_noise, y if self.num_classes else None)
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond = None) -> Tensor:
+        return self.network(x, c_noise, cond)
 
     def consistency_function(self, net: nn.Module | None = None) -> ConsistencyFunction:
         """f_theta (or f over ``net``, the target network) as a denoiser: Song et al.'s c_skip, c_out."""
-        fn = self if net is None else (lambda x, c, y: net(x, c, y if self.num_classes else None))
+        fn = self if net is None else net
         precond = EDMPrecond(fn, self.sigma_data, self.sigma_min, self.sigma_max, boundary_condition=True)
         return ConsistencyFunction(precond, self.sigma_min, self.sigma_max, self.mid_sigmas, enforce=False)
 
@@ -136,23 +137,21 @@ class ConsistencyTraining(DiffusionModel):
             i = torch.randint(0, len(sigmas) - 1, (batch,))
         return sigmas[i].to(device), sigmas[i + 1].to(device)
 
-    def loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
+    def loss(self, x0: Tensor, cond: Cond) -> Tensor:
         """Per-sample lambda(sigma_i) d(f(x_{i+1}, sigma_{i+1}), sg f^-(x_i, sigma_i)), one z for both points."""
         lo, hi = self.level_pairs(x0.shape[0], self.global_step, x0.device)
         z = torch.randn_like(x0)
         lo_, hi_ = lo.to(x0.dtype), hi.to(x0.dtype)
         x_hi, x_lo = x0 + append_dims(hi_, x0.ndim) * z, x0 + append_dims(lo_, x0.ndim) * z
         f_target = self.consistency_function(self.target_net)
-        d = consistency_loss(self.denoiser(), f_target, x_hi, hi_, x_lo, lo_, x0, y, self.distance.kind, self.huber_c,
+        d = consistency_loss(self.denoiser(), f_target, x_hi, hi_, x_lo, lo_, x0, cond, self.distance.kind,
+                             self.huber_c,
                              perceptual=self.distance.network(x0.device))  # fmt: skip
         weight = (hi - lo).reciprocal() if self.weighting == "inverse_gap" else torch.ones_like(hi)
         return weight.float() * d.float()
 
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        loss = super().shared_step(batch, stage)
-        if stage == "train":
-            self.log("train/num_levels", float(self.num_levels(self.global_step)), batch_size=1)
-        return loss
+    def step_values(self) -> dict[str, float]:
+        return {"train/num_levels": float(self.num_levels(self.global_step))}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)

@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion_lightning.diffusion.conditioning import Cond
 from diffusion_lightning.diffusion.consistency import ConsistencyFunction, consistency_loss, ect_r
 from diffusion_lightning.diffusion.denoisers import append_dims
 from diffusion_lightning.errors import UserError
 
+from .base import DiffusionModel
 from .student import StudentModel
 
 
@@ -27,7 +29,7 @@ class ConsistencyTuning(StudentModel):
     0: the L2 norm; the target is x0 where r < sigma_min), both calls with the same dropout mask.
 
     Args:
-        teacher_ckpt, teacher_config, dropout: see :class:`~.student.StudentModel` (ECT on CIFAR-10: dropout 0.2).
+        teacher, dropout: see :class:`~.student.StudentModel` (ECT on CIFAR-10: dropout 0.2).
         steps_per_stage: optimizer steps per halving of the gap (the reference on CIFAR-10: 25k of 200k).
         q, k, b: the mapping's decay factor and its sigmoid's scale and slope (2, 8, 1).
         p_mean, p_std: the lognormal of t (-1.1, 2.0).
@@ -38,8 +40,7 @@ class ConsistencyTuning(StudentModel):
 
     def __init__(
         self,
-        teacher_ckpt: str | None = None,
-        teacher_config: str | None = None,
+        teacher: DiffusionModel | None = None,
         steps_per_stage: int = 25000,
         q: float = 2.0,
         k: float = 8.0,
@@ -56,8 +57,8 @@ class ConsistencyTuning(StudentModel):
         if q <= 1 or steps_per_stage < 1:
             raise UserError(f"need q > 1 and steps_per_stage >= 1, got {q} and {steps_per_stage}")
         kwargs = {"sampler": {"name": "consistency", "steps": 1}, **kwargs}
-        super().__init__(teacher_ckpt, teacher_config, dropout, recipe=("consistency tuning", "ect"), **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        super().__init__(teacher, dropout, recipe=("consistency tuning", "ect"), **kwargs)
+        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
         self.steps_per_stage, self.q, self.k, self.b = int(steps_per_stage), q, k, b
         self.p_mean, self.p_std, self.huber_c = p_mean, p_std, huber_c
         self.sigma_min, self.sigma_max, self.mid_sigmas = sigma_min, sigma_max, tuple(mid_sigmas)
@@ -70,7 +71,7 @@ class ConsistencyTuning(StudentModel):
         """The stage of optimizer step ``step``: the gap t - r halves (q = 2) from one to the next."""
         return step // self.steps_per_stage
 
-    def loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
+    def loss(self, x0: Tensor, cond: Cond) -> Tensor:
         """Per-sample ||f(x_t, t) - sg f(x_r, r)|| / (t - r) (pseudo-Huber with ``huber_c``)."""
         t = (torch.randn(x0.shape[0], device=x0.device) * self.p_std + self.p_mean).exp()
         t = t.clamp(self.sigma_min, self.sigma_max)
@@ -78,11 +79,8 @@ class ConsistencyTuning(StudentModel):
         z = torch.randn_like(x0)
         x_t, x_r = x0 + append_dims(t, x0.ndim) * z, x0 + append_dims(r, x0.ndim) * z
         f = self.denoiser()  # the target is the same f under stop-gradient (x0 where r < sigma_min)
-        d = consistency_loss(f, f, x_t, t, x_r, r, x0, y, "pseudo_huber", self.huber_c)
+        d = consistency_loss(f, f, x_t, t, x_r, r, x0, cond, "pseudo_huber", self.huber_c)
         return d.float() / (t - r).float()
 
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        loss = super().shared_step(batch, stage)
-        if stage == "train":
-            self.log("train/ect_stage", float(self.stage(self.global_step)), batch_size=1)
-        return loss
+    def step_values(self) -> dict[str, float]:
+        return {"train/ect_stage": float(self.stage(self.global_step))}

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lightning.diffusion import ContinuousVPDenoiser, CosineSchedule
+from diffusion_lightning.diffusion.conditioning import Cond
 from diffusion_lightning.diffusion.denoisers import append_dims
 from diffusion_lightning.diffusion.gaussian import PredictionType
 from diffusion_lightning.diffusion.losses import Weighting, loss_weight, mean_flat
@@ -43,22 +44,22 @@ class ContinuousDiffusion(DiffusionModel):
         **kwargs: Any,
     ) -> None:
         super().__init__(net, **kwargs)
-        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler", "first_stage", "conditioner"])
         self.schedule = CosineSchedule(logsnr_min, logsnr_max)
         self.prediction_type, self.weighting = prediction_type, weighting
         loss_weight(torch.ones(1), weighting)  # an unknown weighting fails here
         if net.out_channels != net.in_channels:
             raise ValueError(f"set model.net.out_channels={net.in_channels} (got {net.out_channels})")
 
-    def forward(self, z: Tensor, c_noise: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.network(z, c_noise, y if self.num_classes else None)
+    def forward(self, z: Tensor, c_noise: Tensor, cond: Cond = None) -> Tensor:
+        return self.network(z, c_noise, cond)
 
     def denoiser(self) -> ContinuousVPDenoiser:
         return ContinuousVPDenoiser(self, self.schedule, self.prediction_type, "t")
 
-    def loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
+    def loss(self, x0: Tensor, cond: Cond) -> Tensor:
         """Per-sample w(sigma) ||x0_hat - x0||^2 at t ~ U[0, 1], x = x0 + sigma(t) eps."""
         sigma = self.schedule.sigma(torch.rand(x0.shape[0], device=x0.device, dtype=torch.float64))
         x = x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0)
-        x0_hat = self.denoiser()(x, sigma.to(x0.dtype), y)
+        x0_hat = self.denoiser()(x, sigma.to(x0.dtype), cond)
         return loss_weight(sigma, self.weighting).float() * mean_flat((x0_hat.float() - x0.float()) ** 2)

@@ -16,11 +16,13 @@ from diffusion_lightning.diffusion import (
     get_beta_schedule,
     l_simple,
 )
+from diffusion_lightning.diffusion.conditioning import Cond
 from diffusion_lightning.diffusion.denoisers import Conditioned
 from diffusion_lightning.diffusion.gaussian import PredictionType, VarianceType
 from diffusion_lightning.errors import CheckpointError, UserError
 
-from .base import DiffusionModel, OptimizerFactory, SchedulerFactory
+from .base import DiffusionModel, LossOutput, OptimizerFactory, SchedulerFactory
+from .upgrade import upgrade_run_config
 
 
 class DDPM(DiffusionModel):
@@ -34,8 +36,9 @@ class DDPM(DiffusionModel):
         variance_type: the reverse variance of ancestral sampling and of the bound: ``fixed_small`` = beta~_t,
             ``fixed_large`` = beta_t, ``learned_range`` = iDDPM eq. 15 from the network's second C output channels.
             Decides once whether the variance is learned (``learned_variance``).
-        sampler, optimizer, lr_scheduler, channels_last, compile, class_dropout, guidance: see
-            :class:`~.base.DiffusionModel`.
+        sampler, optimizer, lr_scheduler, channels_last, compile, class_dropout, guidance, first_stage, conditioner:
+            see :class:`~.base.DiffusionModel` (latent diffusion, Rombach et al. 2022, is this recipe on a
+            :class:`~.first_stage.LatentSpace`).
     """
 
     def __init__(
@@ -53,9 +56,12 @@ class DDPM(DiffusionModel):
         compile: bool | None = None,
         class_dropout: float = 0.0,
         guidance: float | None = None,
+        first_stage: nn.Module | None = None,
+        conditioner: nn.Module | None = None,
     ) -> None:
-        super().__init__(net, sampler, optimizer, lr_scheduler, channels_last, compile, class_dropout, guidance)
-        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
+        super().__init__(net, sampler, optimizer, lr_scheduler, channels_last, compile, class_dropout, guidance,
+                         first_stage, conditioner)  # fmt: skip
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler", "first_stage", "conditioner"])
         self.diffusion = GaussianDiffusion(get_beta_schedule(beta_schedule, num_timesteps, **(beta_kwargs or {})))
         self.prediction_type = prediction_type
         if variance_type not in ("fixed_small", "fixed_large", "learned_range"):
@@ -69,51 +75,31 @@ class DDPM(DiffusionModel):
             raise ValueError(f"{kind} output channels: set model.net.out_channels={want} (got {net.out_channels})")
 
     # ------------------------------------------------------------------ network
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.network(x_t, t, y if self.num_classes else None)
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        return self.network(x_t, t, cond)
 
     def denoiser(self) -> DiscreteVPDenoiser:
-        return DiscreteVPDenoiser(self, self.diffusion, self.prediction_type, self.learned_variance)
-
-    def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
-        """As the base class; ancestral sampling without a ``variance_type`` uses the model's own."""
-        spec = super().sampler_spec(sampler, **overrides)
-        if spec["name"] == "ddpm" and spec.get("variance_type") is None:
-            spec["variance_type"] = self.variance_type
-        return spec
+        """The network over sigma, declaring the model's reverse variance to ancestral sampling."""
+        return DiscreteVPDenoiser(self, self.diffusion, self.prediction_type, self.learned_variance, self.variance_type)
 
     # ------------------------------------------------------------------ training
     def sample_timesteps(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """Training timesteps t ~ U{0..T-1} and optional per-sample loss weights (None: all 1)."""
         return torch.randint(0, self.diffusion.num_timesteps, (batch_size,), device=device), None
 
-    def loss_terms(self, x0: Tensor, y: Tensor | None) -> dict[str, Tensor]:
-        """Per-sample losses for a batch of clean images: ``loss`` (what is minimised, before any
-        ``weights``), ``t`` and, where the recipe has them, ``weights`` and extra diagnostics."""
+    def loss(self, x0: Tensor, cond: Cond) -> LossOutput:
+        """L_simple (DDPM eq. 14) per sample at t ~ U{0..T-1}, with ``_t`` (for the per-quarter logs, :meth:`on_loss`)
+        and, where :meth:`sample_timesteps` gives them, importance ``weights``."""
         t, weights = self.sample_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x_t = self.diffusion.q_sample(x0, t, noise)
-        out = self(x_t, t, y)
+        out = self(x_t, t, cond)
         target = self.diffusion.training_target(x0, noise, t, self.prediction_type)
-        terms = {"loss": l_simple(out.float(), target), "t": t}
-        return terms if weights is None else {**terms, "weights": weights}
+        extras = {"_t": t} if weights is None else {"_t": t, "weights": weights}
+        return l_simple(out.float(), target), extras
 
-    def loss_and_terms(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, dict[str, Tensor]]:
-        """The mean (weighted) loss, logged with the recipe's other terms and the per-quarter losses, and the terms."""
-        x0, y = batch
-        train = stage == "train"
-        terms = self.loss_terms(x0, self.drop_labels(y) if train else y)
-        weighted = terms["loss"] * terms["weights"] if "weights" in terms else terms["loss"]
-        loss = weighted.mean()
-        self.log_loss(loss, stage, len(x0))
-        for name, value in terms.items():
-            if name not in ("loss", "t", "weights"):
-                self.log(f"{stage}/{name}", value.mean(), batch_size=len(x0), sync_dist=not train)
-        self._log_quarters(stage, terms["loss"].detach(), terms["t"])
-        return loss, terms
-
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        return self.loss_and_terms(batch, stage)[0]
+    def on_loss(self, loss: Tensor, extras: dict[str, Tensor], stage: str) -> None:
+        self._log_quarters(stage, loss, extras["_t"])
 
     def _log_quarters(self, stage: str, losses: Tensor, t: Tensor) -> None:
         """The loss per quarter of the timestep range (q0: t < T/4, ..., q3: t >= 3T/4). In training: the mean over
@@ -147,8 +133,6 @@ class DDPM(DiffusionModel):
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("betas")
         if saved is None and "run_config" in checkpoint:  # written before the betas were saved
-            from diffusion_lightning.checkpoint import upgrade_run_config
-
             old = upgrade_run_config(checkpoint["run_config"], int(checkpoint.get("format", 1)))["model"]
             saved = get_beta_schedule(old["beta_schedule"], old["num_timesteps"], **(old.get("beta_kwargs") or {}))
         betas = self.diffusion.betas
@@ -191,7 +175,8 @@ class DDPM(DiffusionModel):
         as the samplers do; ``variance_type``: see :meth:`nll_variance_type`.
         """
         variance_type = self.nll_variance_type(variance_type)
-        denoiser = Conditioned(self.denoiser(), y if self.num_classes else None)
+        cond = self.condition(None, y.to(self.device)) if y is not None and self.num_classes else None
+        denoiser = Conditioned(self.denoiser(), cond)
         x0 = x0.to(self.device)
         with self.eval_mode():
             if num_strata:

@@ -7,9 +7,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from diffusion_lightning.diffusion.conditioning import Cond
 from diffusion_lightning.diffusion.importance import LossSecondMomentResampler, UniformSampler
 from diffusion_lightning.diffusion.vlb import hybrid_loss
 
+from .base import LossOutput
 from .ddpm import DDPM
 
 
@@ -48,27 +50,27 @@ class ImprovedDDPM(DDPM):
     def sample_timesteps(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
         return self.timestep_sampler.sample(batch_size, device)
 
-    def loss_terms(self, x0: Tensor, y: Tensor | None) -> dict[str, Tensor]:
+    def loss(self, x0: Tensor, cond: Cond) -> LossOutput:
+        """L_hybrid (eq. 16), L_vlb or L_simple per sample; ``mse`` and ``vlb`` logged beside it."""
         t, weights = self.sample_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x_t = self.diffusion.q_sample(x0, t, noise)
-        out = self(x_t, t, y).float()
+        out = self(x_t, t, cond).float()
         terms = hybrid_loss(
             self.diffusion, out, x0, x_t, t, noise, self.prediction_type, self.lambda_vlb, self.loss_type,
             self.variance_type,
         )
-        return {**terms, "t": t, "weights": weights}
+        return terms.pop("loss"), {**terms, "_t": t, "weights": weights}
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        with self.global_batch_draws(len(batch[0])):
-            loss, terms = self.loss_and_terms(batch, "train")
-        if isinstance(self.timestep_sampler, LossSecondMomentResampler):
-            # Every rank keeps the same history: record the whole global batch's terms.
-            t, vlb = terms["t"].detach(), terms["vlb"].detach()
+    def on_loss(self, loss: Tensor, extras: dict[str, Tensor], stage: str) -> None:
+        """The per-quarter logs, and in training the importance sampler's loss history (eq. 18): every rank keeps the
+        same history, recording the whole global batch's terms."""
+        super().on_loss(loss, extras, stage)
+        if stage == "train" and isinstance(self.timestep_sampler, LossSecondMomentResampler):
+            t, vlb = extras["_t"].detach(), extras["vlb"].detach()
             if self.trainer.world_size > 1:
                 t, vlb = self.all_gather(t).reshape(-1), self.all_gather(vlb).reshape(-1)
             self.timestep_sampler.update(t.cpu(), vlb.cpu())
-        return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

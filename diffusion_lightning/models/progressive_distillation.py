@@ -13,11 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lightning.diffusion import ContinuousVPDenoiser, Denoiser, DiscreteVPDenoiser
+from diffusion_lightning.diffusion.conditioning import Cond
 from diffusion_lightning.diffusion.distillation import distillation_loss
 from diffusion_lightning.diffusion.losses import Weighting, loss_weight
 from diffusion_lightning.errors import UserError
 
-from .base import OptimizerFactory, SchedulerFactory
+from .base import DiffusionModel, OptimizerFactory, SchedulerFactory
 from .student import StudentModel
 
 log = logging.getLogger(__name__)
@@ -57,22 +58,19 @@ class ProgressiveDistillation(StudentModel):
     buffer of the checkpoint, so a run killed mid-round resumes mid-round and a checkpoint samples with its own steps.
 
     Args:
-        teacher_ckpt: the teacher's checkpoint (its EMA weights are used).
-        teacher_config: instead, the teacher's config as JSON (``{"model": ..., "rebuild_kwargs": ...}``): how a
-            distilled checkpoint rebuilds itself; the weights come from its state dict.
+        teacher: the teacher, a built model (``model.teacher.path``: a checkpoint's EMA weights).
         start_steps, end_steps: the teacher's step count and the last student's (their ratio a power of two).
         steps_per_round: optimizer steps per halving (the paper: 50k on CIFAR-10).
         prediction_type: what the student predicts, ``x0`` (the paper's CIFAR-10 setting) or ``v``.
         weighting: ``truncated_snr`` max(SNR, 1) (the paper) or ``snr+1``.
         dropout: the student's dropout probability (the paper: 0).
         sampler, optimizer, lr_scheduler, channels_last, compile: see :class:`~.base.DiffusionModel`; a sampler
-            with ``steps: null`` samples with the student's own step count.
+            with ``steps: null`` samples with the student's own step count (the denoiser declares it).
     """
 
     def __init__(
         self,
-        teacher_ckpt: str | None = None,
-        teacher_config: str | None = None,
+        teacher: DiffusionModel | None = None,
         start_steps: int = 256,
         end_steps: int = 1,
         steps_per_round: int = 50000,
@@ -88,10 +86,10 @@ class ProgressiveDistillation(StudentModel):
         if prediction_type not in ("x0", "v"):
             raise UserError(f"the student predicts x0 or v (Salimans & Ho 2022, Sec. 4), got {prediction_type!r}")
         loss_weight(torch.ones(1), weighting)
-        super().__init__(teacher_ckpt, teacher_config, dropout, {"steps": None, **(sampler or {})},  # None: own steps
-                         ("progressive distillation", "pd"), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                         channels_last=channels_last, compile=compile)  # fmt: skip
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        super().__init__(teacher, dropout, ("progressive distillation", "pd"),
+                         sampler={"steps": None, **(sampler or {})}, optimizer=optimizer,
+                         lr_scheduler=lr_scheduler, channels_last=channels_last, compile=compile)  # fmt: skip
+        self.save_hyperparameters(ignore=["teacher", "optimizer", "lr_scheduler"])
         self.teacher_net = copy.deepcopy(self.net).eval().requires_grad_(False)  # the teacher from round 1 on
         den = self.teacher.denoiser()
         if isinstance(den, DiscreteVPDenoiser) and 2 * start_steps > den.diffusion.num_timesteps:
@@ -109,25 +107,22 @@ class ProgressiveDistillation(StudentModel):
 
     # ------------------------------------------------------------------ what callers ask
     def denoiser(self) -> ContinuousVPDenoiser:
-        """The student, on the teacher's noise levels and continuous time."""
-        return self.vp_denoiser(self.net, self.prediction_type)
+        """The student, on the teacher's noise levels and continuous time, sampling with its own step count when a
+        call gives none."""
+        denoiser = self.vp_denoiser(self.net, self.prediction_type)
+        denoiser.default_steps = int(self.student_steps)
+        return denoiser
 
     def teacher_denoiser(self) -> Denoiser:
         """This round's teacher: the loaded model in round 0, the previous round's student after."""
         return self.teacher.denoiser() if self._round == 0 else self.vp_denoiser(self.teacher_net, self.prediction_type)
-
-    def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
-        """As :meth:`StudentModel.sampler_spec`, and ``steps: null`` = the student's own step count."""
-        spec = super().sampler_spec(sampler, **overrides)
-        if spec.get("steps") is None:
-            spec["steps"] = int(self.student_steps)
-        return spec
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.teacher, self.teacher_net]
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self._round = self.round_of(int(self.student_steps))  # after a checkpoint has restored it
         total = distillation_steps(self.start_steps, self.end_steps, self.steps_per_round)
         if not 0 < self.trainer.max_steps <= total:
@@ -152,13 +147,10 @@ class ProgressiveDistillation(StudentModel):
         log.info(f"progressive distillation round {r + 1}/{self.num_rounds}: {self.start_steps >> r} teacher steps -> "
                  f"{self.start_steps >> (r + 1)} student steps")
 
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        x, y = batch
+    def loss(self, x0: Tensor, cond: Cond) -> Tensor:
+        """Per-sample w(sigma) ||x0_hat - x~||^2 against two of this round's teacher DDIM steps (Alg. 2)."""
         n = self.start_steps >> (self._round + 1)
-        y = self.drop_labels(y) if stage == "train" else y
-        loss = distillation_loss(self.denoiser(), self.teacher_denoiser(), self.encode(x), self.time, n, y,
-                                 self.weighting).mean()  # fmt: skip
-        self.log_loss(loss, stage, len(x))
-        if stage == "train":
-            self.log("student_steps", float(n), batch_size=1)  # names the round-end checkpoints
-        return loss
+        return distillation_loss(self.denoiser(), self.teacher_denoiser(), x0, self.time, n, cond, self.weighting)
+
+    def step_values(self) -> dict[str, float]:
+        return {"student_steps": float(self.start_steps >> (self._round + 1))}  # names the round-end checkpoints

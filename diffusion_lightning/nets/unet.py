@@ -2,7 +2,9 @@
 
 With the defaults this is the CIFAR-10 network of Ho et al. (2020) "DDPM" (35.7M parameters; reference
 ``diffusion_tf/models/unet.py``). The options of Dhariwal & Nichol (2021) "ADM" add multi-head attention,
-class conditioning, FiLM-style ``use_scale_shift_norm`` and residual up/down-sampling blocks.
+class conditioning, FiLM-style ``use_scale_shift_norm`` and residual up/down-sampling blocks. Beyond a label, the
+network takes a :class:`~diffusion_lightning.diffusion.conditioning.Condition`: context tokens through cross-attention
+(Rombach et al. 2022 "LDM", Sec. 3.3) and an image concatenated to its input.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..diffusion.conditioning import Condition
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -112,6 +116,43 @@ class AttentionBlock(nn.Module):
         return x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
+class CrossAttentionBlock(nn.Module):
+    """Multi-head cross-attention from every position of x to context tokens (LDM, Sec. 3.3: Q = W_Q phi(z),
+    K = W_K tau(y), V = W_V tau(y)): GroupNorm, q 1x1 conv, k and v linear maps of the tokens (no bias: a key bias
+    shifts every logit alike, a value bias is a constant that ``proj_out``'s bias already is), attention,
+    zero-initialised proj 1x1 (the identity at init), residual.
+
+    ``mask`` (B, L) bool marks the tokens to attend (True). A row with no True would be a softmax over nothing (NaN);
+    such a sample, and an empty context (L = 0), attends to nothing: the block adds zero. The null context of
+    classifier-free guidance (``conditioning.null_condition``) is zero tokens with an all-True mask, not this.
+    """
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int, num_groups: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Linear(context_dim, channels, bias=False)
+        self.v = nn.Linear(context_dim, channels, bias=False)
+        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        if context.shape[1] == 0:
+            return x
+        n, d = self.num_heads, C // self.num_heads
+        q = self.q(self.norm(x)).reshape(B, n, d, H * W).transpose(-1, -2)  # (B, heads, HW, d)
+        context = context.to(self.k.weight.dtype)
+        k, v = (f(context).reshape(B, -1, n, d).transpose(1, 2) for f in (self.k, self.v))  # (B, heads, L, d)
+        keep = attn_mask = None
+        if mask is not None:
+            keep = mask.any(dim=1)  # (B,): samples with a token to attend
+            attn_mask = (mask | ~keep[:, None])[:, None, None, :]  # an empty row attends all (finite), zeroed below
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
+        return x + (out if keep is None else out * keep[:, None, None, None])
+
+
 class UNet(nn.Module):
     """Noise-prediction U-Net of DDPM (Ho et al., 2020) with the ADM (Dhariwal & Nichol, 2021) options.
 
@@ -132,14 +173,28 @@ class UNet(nn.Module):
         resblock_updown: resample with ResBlocks (ADM) instead of plain (strided/upsampling) convs.
         num_groups: GroupNorm groups; every level's width must be divisible by it, and with the additive
             embedding hold at least 2 channels per group (a one-channel group erases the embedding).
+        context_dim: if set, the width D of context tokens (B, L, D): every self-attention block (at
+            ``attention_resolutions`` and in the middle) is followed by a :class:`CrossAttentionBlock` to them, and
+            ``y`` must be a ``Condition`` with ``context`` (and optionally ``context_mask``).
+        cond_channels: channels of an image concatenated to x before the first conv (``Condition.image``, same H, W);
+            ``in_channels`` stays the channels of x.
+
+    ``forward(x, t, y)``: ``y`` is None, (B,) class labels or a :class:`Condition`. The new modules of the last two
+    options are created after all others, so the remaining weights draw the same random numbers as without them
+    (``cond_channels > 0`` widens ``input_conv`` and so changes its draw and every later one).
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, out_channels: int | None = None,
                  model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_heads: int = 1,
                  num_head_channels: int = -1, num_classes: int | None = None, use_scale_shift_norm: bool = False,
-                 resblock_updown: bool = False, num_groups: int = 32) -> None:
+                 resblock_updown: bool = False, num_groups: int = 32, context_dim: int | None = None,
+                 cond_channels: int = 0) -> None:
         super().__init__()
+        if context_dim is not None and context_dim < 1:
+            raise ValueError(f"model.net.context_dim={context_dim} must be a positive token width, or null (none)")
+        if cond_channels < 0:
+            raise ValueError(f"model.net.cond_channels={cond_channels} must be >= 0")
         levels = len(channel_mult)
         factor = 2 ** (levels - 1)
         if levels == 0 or image_size % factor:
@@ -175,6 +230,7 @@ class UNet(nn.Module):
         self.image_size, self.in_channels = image_size, in_channels
         self.out_channels = out_channels or in_channels
         self.model_channels, self.num_classes = model_channels, num_classes
+        self.context_dim, self.cond_channels = context_dim, cond_channels
         ch, emb_ch = model_channels, 4 * model_channels
 
         def heads(c: int) -> int:
@@ -189,7 +245,7 @@ class UNet(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.label_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes is not None else None
-        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.input_conv = nn.Conv2d(in_channels + cond_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
         skip_chs, c = [ch], ch
@@ -221,33 +277,72 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(num_groups, c), nn.SiLU(),
                                  zero_module(nn.Conv2d(c, self.out_channels, 3, padding=1)))
 
+        if context_dim is not None:  # last, so that every module above draws the same init as without context
+            for layers in (*self.down, self.middle, *self.up):
+                for i in reversed([i for i, m in enumerate(layers) if isinstance(m, AttentionBlock)]):
+                    attn = layers[i]
+                    layers.insert(i + 1, CrossAttentionBlock(attn.norm.num_channels, context_dim, attn.num_heads,
+                                                             num_groups))
+
     @staticmethod
-    def _run(layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
+    def _run(layers: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor | None = None,
+             mask: Tensor | None = None) -> Tensor:
         for layer in layers:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, CrossAttentionBlock):
+                h = layer(h, context, mask)
+            else:
+                h = layer(h)
         return h
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """Predict from noisy images x (B, C, H, W) at timesteps t (B,); y (B,) class labels if class-conditional."""
+    def _unpack(self, x: Tensor, y: Tensor | Condition | None) -> tuple[Tensor | None, Tensor | None, Tensor | None,
+                                                                         Tensor | None]:
+        """Labels, context, context mask and image of ``y``, checked against the network's options."""
+        label, context, mask, image = (y.label, y.context, y.context_mask, y.image) if isinstance(y, Condition) else (
+            y, None, None, None)
+        if (label is None) != (self.label_emb is None):
+            raise ValueError("class labels y are required iff model.net.num_classes is set "
+                             f"(num_classes={self.num_classes}, y {'missing' if label is None else 'given'})")
+        B = x.shape[0]
+        if (context is None) != (self.context_dim is None):
+            raise ValueError("a Condition with context tokens is required iff model.net.context_dim is set "
+                             f"(context_dim={self.context_dim}, context {'missing' if context is None else 'given'})")
+        if context is not None and (context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.context_dim):
+            raise ValueError(f"the context must have shape (B={B}, L, model.net.context_dim={self.context_dim}) but "
+                             f"has {tuple(context.shape)}: make model.net.context_dim the token width")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != context.shape[:2]):
+            raise ValueError(f"the context_mask must be bool of shape {tuple(context.shape[:2])} (True = attend) but "
+                             f"is {mask.dtype} {tuple(mask.shape)}")
+        if (image is None) != (self.cond_channels == 0):
+            raise ValueError("a Condition with an image is required iff model.net.cond_channels > 0 "
+                             f"(cond_channels={self.cond_channels}, image {'missing' if image is None else 'given'})")
+        if image is not None and (image.ndim != 4 or image.shape[0] != B or image.shape[1] != self.cond_channels
+                                  or image.shape[-2:] != x.shape[-2:]):
+            raise ValueError(f"the conditioning image must have shape (B={B}, model.net.cond_channels="
+                             f"{self.cond_channels}, {x.shape[-2]}, {x.shape[-1]}) but has {tuple(image.shape)}")
+        return label, context, mask, image
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | Condition | None = None) -> Tensor:
+        """Predict from noisy images x (B, C, H, W) at timesteps t (B,); y: (B,) class labels if class-conditional,
+        or a :class:`Condition` (labels, context tokens, image; see the class docstring)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"UNet expects inputs of shape (B, {self.in_channels}, {self.image_size}, {self.image_size}) but got "
                 f"{tuple(x.shape)}: make model.net.image_size match data.image_size and model.net.in_channels "
                 f"match the dataset's channels"
             )
-        if (y is None) != (self.label_emb is None):
-            raise ValueError("class labels y are required iff model.net.num_classes is set "
-                             f"(num_classes={self.num_classes}, y {'missing' if y is None else 'given'})")
+        y, context, mask, image = self._unpack(x, y)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
 
-        hs = [self.input_conv(x)]
+        hs = [self.input_conv(x if image is None else torch.cat([x, image.to(x.dtype)], dim=1))]
         for layers in self.down:
-            hs.append(self._run(layers, hs[-1], emb))
-        h = self._run(self.middle, hs[-1], emb)
+            hs.append(self._run(layers, hs[-1], emb, context, mask))
+        h = self._run(self.middle, hs[-1], emb, context, mask)
         for layers in self.up:
-            h = self._run(layers, torch.cat([h, hs.pop()], dim=1), emb)
+            h = self._run(layers, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
         return self.out(h)
