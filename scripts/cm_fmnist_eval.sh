@@ -20,7 +20,7 @@ run_of() {  # run_of EXP VAR: the given run folder, or a fresh training run of E
 }
 ect=$(run_of ect_fmnist "${ECT:-}"); cd=$(run_of cd_fmnist "${CD:-}"); ict=$(run_of ict_fmnist "${ICT:-}")
 teacher=$($py -c "import torch,sys; c=torch.load(sys.argv[1], weights_only=True, map_location='cpu')
-print(c['run_config']['model']['teacher_ckpt'])" "$ect/checkpoints/last.ckpt")
+m=c['run_config']['model']; print(m['teacher']['path'] if 'teacher' in m else m['teacher_ckpt'])" "$ect/checkpoints/last.ckpt")
 echo "ect: $ect"; echo "cd: $cd"; echo "ict: $ict"; echo "teacher: $teacher"
 fid=(metric=fid extractor=fmnist-classifier "num_samples=$n" "results=$out/results.jsonl" "precision=${PRECISION:-32}")
 ev() { $py -m diffusion_lightning.evaluate -m "${fid[@]}" "$@" 2>&1 | grep -E "\"fid\"|Error|error" || true; }

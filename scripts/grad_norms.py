@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import diffusion_lightning  # noqa: F401  (registers the config resolvers)
+from diffusion_lightning.models.base import weighted_mean
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -57,9 +58,8 @@ def main() -> None:
             batches = iter(datamodule.train_dataloader())
             batch = next(batches)
         x0, y = batch
-        terms = model.loss_terms(x0, y)
-        weighted = terms["loss"] * terms["weights"] if "weights" in terms else terms["loss"]
-        loss = weighted.mean()
+        per_sample, terms = model.loss(x0, y)
+        loss = weighted_mean((per_sample, terms))
         row = {"step": step, "loss": loss.item()}
         if "vlb" in terms and terms["mse"].requires_grad and step % args.split_every == 0:  # L_hybrid
             mse = terms["mse"].mean()

@@ -42,13 +42,14 @@ def build(name: str, first_stage: str | None) -> tuple[Any, Any]:
         cfg = config("ddpm_fmnist", ["model.net.num_classes=10", "model.class_dropout=0.1", "data.image_size=32"])
         return cfg, instantiate(cfg.model, _convert_="all")
     cfg = config("ldm_fmnist", [])
-    if first_stage is None:
-        ae_cfg = config("ae_fmnist", [])
-        ae_model = OmegaConf.to_container(ae_cfg.model, resolve=True)
-        kwargs = {"first_stage_config": json.dumps({**ae_model, "perceptual_weight": 0.0})}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if first_stage is None:  # an untrained autoencoder of ae_fmnist's shape: the speed is what is measured
+        ae_net = OmegaConf.to_container(config("ae_fmnist", []).model.net, resolve=True)
+        model["first_stage"] = {"_target_": "diffusion_lightning.models.LatentSpace", "net": ae_net}
     else:
-        kwargs = {"first_stage_ckpt": first_stage}
-    return cfg, instantiate(cfg.model, _convert_="all", scale_factor=1.0, **kwargs)
+        model["first_stage"]["path"] = first_stage
+    model["first_stage"]["scale_factor"] = 1.0
+    return cfg, instantiate(model, _convert_="all")
 
 
 class Timer(L.Callback):

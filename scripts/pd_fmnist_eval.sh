@@ -19,7 +19,7 @@ if [ -z "${PD:-}" ]; then
 fi
 pd=${PD:-$(ls -td outputs/train/pd_fmnist/*/ | head -1 | sed "s:/$::")}
 teacher=$($py -c "import torch,sys; c=torch.load(sys.argv[1], weights_only=True, map_location='cpu')
-print(c['run_config']['model']['teacher_ckpt'])" "$pd/checkpoints/last.ckpt")  # the teacher it was distilled from
+m=c['run_config']['model']; print(m['teacher']['path'] if 'teacher' in m else m['teacher_ckpt'])" "$pd/checkpoints/last.ckpt")  # the teacher it was distilled from
 echo "pd run: $pd"; echo "teacher: $teacher"
 ckpt() { ls "$pd"/checkpoints/step_*-"$1"steps.ckpt; }
 students=$(ls "$pd"/checkpoints/step_*steps.ckpt | paste -sd, -)
