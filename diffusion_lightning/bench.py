@@ -44,7 +44,6 @@ from . import cpu_precision
 from .callbacks import EMA
 from .callbacks.ema import ema_decay
 from .models import DDPM
-from .models.base import weighted_mean
 
 #: model key -> experiment (composed from conf/ as train.py composes it)
 #: key -> "<experiment> [override ...]"
@@ -151,7 +150,7 @@ def plain_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int,
             start = time.perf_counter()
         x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, opts.precision):
-            loss = weighted_mean(model.loss(x0, y))
+            loss = model.batch_loss((x0, y))[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
@@ -216,7 +215,7 @@ def flops_per_image(key: str, batch: int = 2) -> float:
     model = build_model(key, argparse.Namespace(channels_last=False, compile=False)).train()
     x0 = _random_images(key, batch)
     with FlopCounterMode(display=False) as counter:
-        weighted_mean(model.loss(x0, None)).backward()
+        model.batch_loss((x0, None))[0].backward()
     return counter.get_total_flops() / batch
 
 

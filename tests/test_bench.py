@@ -36,7 +36,9 @@ def test_bench_measures_the_default_model_and_writes_consistent_figures(compose_
     assert all(len(v) == 2 and min(v) > 0 for v in train["runs"].values())
     ips = train["images_per_s"]
     assert ips["lightning"] == pytest.approx(sum(train["runs"]["lightning"]) / 2, abs=0.01)  # median of two
-    assert train["lightning_over_plain"] == pytest.approx(ips["lightning"] / ips["plain"], rel=1e-3)
+    # the ratio of the unrounded medians against that of the medians rounded to 0.01 img/s (few img/s when loaded)
+    rounding = 0.005 * (1 + ips["lightning"] / ips["plain"]) / ips["plain"]
+    assert train["lightning_over_plain"] == pytest.approx(ips["lightning"] / ips["plain"], abs=rounding + 1e-4)
     assert train["lightning_over_diffusers"] == pytest.approx(ips["lightning"] / ips["diffusers"], rel=1e-3)
     # peak memory of CPU training, measured in fresh processes: the whole process, and the slope per image
     assert train["peak_memory_mib"] > 100 and train["peak_memory_mib_per_image"] >= 0  # batch 2 vs 1: within noise

@@ -20,7 +20,8 @@ SAMPLERS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
 def test_the_groups_are_not_empty():
     assert {"ddpm_fmnist", "ddpm_cifar", "iddpm_fmnist", "iddpm_cifar", "ae_fmnist", "ldm_fmnist", "ae_cifar",
             "ldm_cifar", "vdiff_fmnist", "vdiff_cifar", "pd_fmnist", "pd_cifar", "ct_cifar", "ict_cifar", "cd_cifar",
-            "ect_cifar", "ict_fmnist", "cd_fmnist", "ect_fmnist"} <= set(EXPERIMENTS)
+            "ect_cifar", "ict_fmnist", "cd_fmnist", "ect_fmnist", "edm_fmnist", "edm_cifar",
+            "lict_fmnist"} <= set(EXPERIMENTS)
     assert {"ddpm", "ddim", "dpmpp", "heun", "consistency"} <= set(SAMPLERS)
 
 

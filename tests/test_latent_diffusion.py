@@ -204,7 +204,7 @@ def test_latent_sampling_never_clips_latents_to_the_image_range():
                attention_resolutions=(), num_groups=4)
     for p in net.parameters():
         p.data.add_(0.3 * torch.randn_like(p))  # x0_hat far outside [-1, 1]
-    ldm = DDPM(net, first_stage=LatentSpace(ae, scale_factor=1.0), num_timesteps=20).eval()
+    ldm = DDPM(net, first_stage=LatentSpace(ae, scale_factor=1.0), num_timesteps=40).eval()
     denoiser = ldm.guided_denoiser(None)
     assert not denoiser.bounded and ldm.denoiser().bounded
     noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1))

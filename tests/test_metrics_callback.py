@@ -143,7 +143,7 @@ def test_samples_are_quantised_like_saved_pngs(tmp_path):
     torch.manual_seed(0)
     net = UNet(image_size=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                attention_resolutions=(), dropout=0.0, num_groups=4)  # fmt: skip
-    model = DDPM(net, num_timesteps=20)
+    model = DDPM(net, num_timesteps=40)
     ddim3 = {"name": "ddim", "steps": 3}
     uint8, _ = generate(model, 5, 2, torch.Generator().manual_seed(3), ddim3, uint8=True)
     floats = torch.cat([model.sample(n, generator=g, sampler=ddim3) for g in [torch.Generator().manual_seed(3)]

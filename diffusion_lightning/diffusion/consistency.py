@@ -99,8 +99,8 @@ def ct_target_decay(k: int, total_steps: int, s0: int = 2, s1: int = 150, mu0: f
 
 def ict_num_levels(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """Song & Dhariwal (2023) eq. 8: N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0)
-    + 1)): the levels double every K' steps."""
-    k_prime = math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1))
+    + 1)): the levels double every K' steps (every step where K is shorter than the doublings)."""
+    k_prime = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
     return min(s0 * 2 ** math.floor(k / k_prime), s1) + 1
 
 

@@ -317,8 +317,6 @@ class Clipped(DenoiserWrapper):
 class Unbounded(DenoiserWrapper):
     """Declares that x0 is no image in [-1, 1] (a latent model's): the samplers neither clip nor threshold it."""
 
-    bounded = False
-
     def __init__(self, inner: Denoiser) -> None:
         super().__init__(inner)
         self.bounded = False
@@ -352,7 +350,7 @@ class Guided(DenoiserWrapper):
 
     def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         if y is None:
-            raise ValueError("classifier-free guidance needs a condition y")
+            raise ValueError("classifier-free guidance needs a condition y (class labels, tokens or an image)")
         # a number (or 0-d tensor) is passed on as it is: a float64 sigma must not be rounded to float32 here
         s2 = sigma if not isinstance(sigma, Tensor) or sigma.ndim == 0 else torch.cat([sigma.reshape(-1)] * 2)
         x0, v = self.inner.predict(torch.cat([x, x]), s2, cond_cat([y, null_condition(y, self.null_label)]))

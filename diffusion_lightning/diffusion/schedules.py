@@ -51,8 +51,11 @@ def get_beta_schedule(
         betas = cosine_beta_schedule(_require_t(num_timesteps), **kwargs)
     else:
         raise ValueError(f"unknown beta schedule {name!r}: use 'linear', 'cosine' or a list of betas")
-    if betas.ndim != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas <= 1)).all()):
-        raise ValueError("betas must be a non-empty 1-D sequence with values in (0, 1]")
+    if betas.ndim != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas < 1)).all()):
+        # beta = 1 makes alpha_bar_T = 0: sigma_max is infinite and every sample NaN (e.g. the linear schedule's ends
+        # scaled by 1000 / T reach 1 at T = 20)
+        raise ValueError("betas must be a non-empty 1-D sequence with values in (0, 1): a beta of 1 leaves no signal "
+                         "(for the linear schedule use num_timesteps > 20, or give beta_kwargs)")
     return betas
 
 

@@ -165,7 +165,8 @@ class DiffusionModel(RunModule):
         if guidance is None or guidance == 1:
             return denoiser
         if not self.num_classes and isinstance(self.conditioner, ClassLabels):
-            raise UserError(f"guidance={guidance} needs a conditional model (model.net.num_classes is null)")
+            raise UserError(f"guidance={guidance} needs a conditional model (class-conditional: model.net.num_classes, "
+                            "or a model.conditioner); this one is unconditional")
         if self.class_dropout == 0:
             raise UserError(
                 f"guidance={guidance} needs a model trained with condition dropout: this one has "
@@ -252,20 +253,29 @@ class DiffusionModel(RunModule):
         """Values of the training step logged under these names with no reduction (e.g. a curriculum's level)."""
         return {}
 
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        """The template (module docstring): the mean weighted :meth:`loss` of a batch of (images, labels) in
-        ``stage`` (``train``: the condition dropped for guidance; or ``val``), logged as ``<stage>/loss``."""
+    def batch_loss(
+        self, batch: tuple[Tensor, Tensor], stage: str = "train"
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The template without its logs (module docstring): a batch of (images, labels) -> first-stage encode ->
+        condition (dropped for guidance in ``train``) -> :meth:`loss`; returns the weighted mean that is minimised,
+        the per-sample loss and the extras."""
         x, y = batch
         x0, cond = self.encode(x), self.condition(x, y)
         if stage == "train":
             cond = drop_condition(cond, self.class_dropout, self.num_classes)
         out = self.loss(x0, cond)
         loss, extras = out if isinstance(out, tuple) else (out, {})
-        mean = weighted_mean(out)
-        self.log_loss(mean, stage, len(x))
+        return weighted_mean(out), loss, extras
+
+    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        """:meth:`batch_loss` in ``stage`` (``train`` or ``val``), logged: ``<stage>/loss``, the extras' means,
+        :meth:`step_values`, then :meth:`on_loss`."""
+        mean, loss, extras = self.batch_loss(batch, stage)
+        batch_size = len(batch[0])
+        self.log_loss(mean, stage, batch_size)
         for name, value in extras.items():
             if name != "weights" and not name.startswith("_"):
-                self.log(f"{stage}/{name}", value.mean(), batch_size=len(x), sync_dist=stage != "train")
+                self.log(f"{stage}/{name}", value.mean(), batch_size=batch_size, sync_dist=stage != "train")
         if stage == "train":
             for name, value in self.step_values().items():
                 self.log(name, float(value), batch_size=1)

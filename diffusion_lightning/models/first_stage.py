@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffusion_lightning.errors import UserError
 from diffusion_lightning.nets.autoencoder import AutoencoderKL, DiagonalGaussian
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ class LatentSpace(PixelSpace):
             log.info(f"latent scale factor s = {float(self.scale_factor):.5g} (from the checkpoint or config)")
             return
         trainer = module.trainer
+        if getattr(trainer, "datamodule", None) is None:
+            raise UserError("estimating the latent scale factor needs the training data module: fit with a datamodule "
+                            "or set model.first_stage.scale_factor")  # fmt: skip
         dataset, batch_size = trainer.datamodule.dataset("train"), trainer.datamodule.batch_size
         world, rank, device = trainer.world_size, trainer.global_rank, module.device
         # a fixed random subset (this rank's share) and a seeded side stream for the posterior samples: the estimate

@@ -51,6 +51,9 @@ class StudentModel(DiffusionModel):
         if kwargs.get("first_stage") is not None or kwargs.get("conditioner") is not None:
             raise UserError(f"{recipe[0]} diffuses in its teacher's space under its teacher's conditions: leave "
                             "model.first_stage and model.conditioner unset (the teacher's are used)")  # fmt: skip
+        if "class_dropout" in kwargs:
+            raise UserError(f"{recipe[0]} keeps its teacher's condition dropout (model.class_dropout="
+                            f"{teacher.class_dropout}): remove model.class_dropout")  # fmt: skip
         kwargs.pop("first_stage", None), kwargs.pop("conditioner", None)
         student = copy.deepcopy(teacher.net).requires_grad_(True)
         if dropout is not None:
