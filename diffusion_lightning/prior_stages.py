@@ -66,12 +66,12 @@ def ensure_prior_run(cfg: DictConfig, key: str, train: Callable[[DictConfig], An
     finished run of ``cfg[key].experiment`` on the same data, else one trained now by ``train``."""
     experiment, what = cfg[key].experiment, key.replace("_", " ")
     if found := find_finished_run(cfg.paths.log_dir, experiment, cfg.data):
-        print(f"{what}: reusing {found} (a finished {experiment} run on this data; model.{key}=... picks "
+        print(f"{what}: reusing {found} (a finished {experiment} run on this data; model.{key}.path=... picks "
               "another)")
         return str(found)
     if not cfg[key].get("train", True):
         raise UserError(f"no finished {experiment} run on this data under {cfg.paths.log_dir}/train: train one first "
-                        f"(make train EXP={experiment}) or set model.{key}=<its checkpoints/last.ckpt>")
+                        f"(make train EXP={experiment}) or set model.{key}.path=<its checkpoints/last.ckpt>")
     prior = prior_run_config(cfg, key)
     out = Path(prior.paths.output_dir)
     print(f"{what}: no finished {experiment} run on this data under {cfg.paths.log_dir}/train: training it in {out}")

@@ -59,7 +59,7 @@ def test_user_schedule_and_errors():
     assert get_beta_schedule([0.1, 0.2]).tolist() == [0.1, 0.2]
     with pytest.raises(ValueError, match="unknown beta schedule"):
         get_beta_schedule("quadratic", 10)
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
         get_beta_schedule([0.1, 1.5])
 
 

@@ -103,7 +103,7 @@ def train_tiny(compose_train, image_folder: Path, tmp_path: Path, extra: list[st
 
 def test_exported_checkpoint_computes_and_samples_as_ours(compose_train, image_folder, tmp_path):
     ckpt = train_tiny(compose_train, image_folder, tmp_path,
-                      ["model.net.attention_resolutions=[8]", "+model.net.num_head_channels=4"])  # 2 and 4 heads
+                      ["model.net.attention_resolutions=[8]", "model.net.num_head_channels=4"])  # 2 and 4 heads
 
     # The CLI: the checkpoint's EMA weights, loadable as a DDPMPipeline.
     env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DL_ROOT_DIR": str(tmp_path)}

@@ -162,7 +162,7 @@ def test_an_unwritable_run_folder_is_refused_before_training(compose_train, imag
 def test_too_little_disk_space_is_refused_before_training(compose_train, image_folder, tmp_path, observed, monkeypatch):
     import shutil
 
-    import diffusion_lightning.train as entry
+    import diffusion_lightning.run_folder as entry
 
     monkeypatch.setattr(entry.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(UserError, match="1 MiB free .* needs about") as info:

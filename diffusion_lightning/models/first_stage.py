@@ -80,6 +80,7 @@ class LatentSpace(PixelSpace):
         self.net = net.eval().requires_grad_(False)
         self.scale_batches = int(scale_batches)
         self.register_buffer("scale_factor", torch.tensor(float("nan") if scale_factor is None else scale_factor))
+        self.train(False)  # the mode Lightning records for it when fitting starts and restores after each validation
 
     @property
     def image_shape(self) -> tuple[int, int, int]:  # type: ignore[override]
