@@ -61,6 +61,20 @@ def check_compatible(checkpoint: dict[str, Any], model: nn.Module, path: str | P
         raise CheckpointError(f"{path} was written by a different model: {'; '.join(details)} weights.{hint}")
 
 
+def check_same_recipe(checkpoint: dict[str, Any], cfg: Any, path: str | Path = "checkpoint") -> None:
+    """Refuse to resume a checkpoint under another recipe (even one whose network keys match: a DDPM checkpoint under
+    a consistency-training experiment would otherwise train on silently), naming both and the experiment to use."""
+    config = checkpoint.get("run_config") or {}
+    theirs, ours = (config.get("model") or {}).get("_target_"), cfg.model.get("_target_")
+    if theirs and ours and theirs != ours:
+        experiment = config.get("run_name")
+        raise CheckpointError(
+            f"{path} was written by the {theirs.rsplit('.', 1)[-1]} recipe (experiment={experiment}) and cannot "
+            f"resume {ours.rsplit('.', 1)[-1]} (experiment={cfg.get('run_name')}): resume it with "
+            f"experiment={experiment}, or start a student from it with model.teacher.path=..."
+        )
+
+
 def model_from_checkpoint(path: str | Path, ema: bool = True, generative: bool = True) -> nn.Module:
     """Rebuild the LightningModule a run saved and load its EMA (default) or raw weights; with ``generative`` refuse a
     model that does not sample (a stage-1 autoencoder)."""

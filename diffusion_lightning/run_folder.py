@@ -3,12 +3,14 @@ clean-up of a run's folder."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, open_dict
 
 from .errors import UserError
@@ -67,6 +69,41 @@ def run_folder_of(ckpt_path: str | Path) -> Path | None:
     None for a checkpoint outside a run folder."""
     run = Path(ckpt_path).resolve().parent.parent
     return run if (run / ".hydra").is_dir() and Path(ckpt_path).resolve().parent.name == "checkpoints" else None
+
+
+def resumes_its_run(ckpt_path: str | Path, checkpoint: dict, run: Path, branch: bool) -> bool:
+    """Whether a resume from ``ckpt_path`` (loaded: ``checkpoint``) of run folder ``run`` continues in that folder: yes
+    when it is the newest checkpoint of its run (by global step); else, so that the run's later checkpoints, grids and
+    ``finished.json`` are never overwritten, it is refused, or with ``branch`` it starts a new run folder (recorded
+    there in ``branched_from.json`` by :func:`record_branch`)."""
+    newest = newest_checkpoint(run)
+    step = int(checkpoint.get("global_step", 0))
+    newest_step = step if newest is None or newest.resolve() == Path(ckpt_path).resolve() else checkpoint_step(newest)
+    if step >= newest_step:
+        return True
+    if not branch:
+        raise UserError(f"ckpt_path={ckpt_path} is step {step} of {run}, whose newest checkpoint is step {newest_step} "
+                        f"({newest.name}): resuming in that run would overwrite its later checkpoints. Resume the run "
+                        f"from its newest (ckpt_path={run}), or start a new run folder from this checkpoint with "
+                        "branch=true")  # fmt: skip
+    log.info(f"branching from {ckpt_path} (step {step}) into a new run folder; {run} is left as it is")
+    return False
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was written at (memory-mapped: the weights are not read)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    except Exception:  # an unreadable checkpoint (cut off, foreign) counts as no later step  # noqa: BLE001
+        return -1
+
+
+def record_branch(output_dir: str | Path, ckpt_path: str | Path, step: int) -> None:
+    """``branched_from.json`` in a run folder started from a checkpoint of another run."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "branched_from.json").write_text(
+        json.dumps({"checkpoint": str(Path(ckpt_path).resolve()), "global_step": step}, indent=1) + "\n"
+    )
 
 
 def continue_in(run: Path, cfg: DictConfig) -> None:

@@ -23,10 +23,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import launcher  # noqa: F401 - patches Lightning's DDP launcher for Hydra apps
-from .checkpoint import check_compatible, load_checkpoint
+from .checkpoint import check_compatible, check_same_recipe, load_checkpoint
 from .errors import UserError, suggest_on_failure
 from .prior_stages import FINISHED, data_key, fill_prior_stages
-from .run_folder import check_run_folder, continue_in, drop_empty_run, resolve_ckpt_path, run_folder_of
+from .run_folder import (
+    check_run_folder,
+    continue_in,
+    drop_empty_run,
+    record_branch,
+    resolve_ckpt_path,
+    resumes_its_run,
+    run_folder_of,
+)
 from .utils import run_or_exit
 
 log = logging.getLogger(__name__)
@@ -81,17 +89,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)  # stage 2 draws as it would without a stage 1 before it
     with open_dict(cfg):
         cfg.ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    checkpoint, branched_from = load_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None, None
+    if checkpoint is not None:
+        check_same_recipe(checkpoint, cfg, cfg.ckpt_path)
     if cfg.get("ckpt_path") and (run := run_folder_of(cfg.ckpt_path)) and run != Path(cfg.paths.output_dir).resolve():
-        continue_in(run, cfg)
+        if resumes_its_run(cfg.ckpt_path, checkpoint, run, bool(cfg.get("branch"))):
+            continue_in(run, cfg)
+        else:
+            branched_from = (cfg.ckpt_path, int(checkpoint.get("global_step", 0)))
     model = instantiate(cfg.model, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     model.nonfinite = cfg.get("nonfinite", "stop")
     if model.nonfinite not in ("stop", "skip") or (model.nonfinite == "skip" and not model.automatic_optimization):
         raise UserError(f"nonfinite={model.nonfinite}: use stop, or skip (models with automatic optimization only)")
-    if cfg.get("ckpt_path"):
-        check_compatible(load_checkpoint(cfg.ckpt_path), model, cfg.ckpt_path)
+    if checkpoint is not None:
+        check_compatible(checkpoint, model, cfg.ckpt_path)
+        del checkpoint  # Lightning loads it again in fit
 
     check_run_folder(Path(cfg.paths.output_dir), model)
+    if branched_from is not None:
+        record_branch(cfg.paths.output_dir, *branched_from)
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))

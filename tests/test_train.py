@@ -456,3 +456,65 @@ def test_ckpt_path_last_and_folders_resolve_to_the_newest_checkpoint(tmp_path, m
     assert resolve_ckpt_path(str(run / "checkpoints" / "last.ckpt"), run) == str(run / "checkpoints" / "last.ckpt")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued job resumes by itself
     assert resolve_ckpt_path(None, run) == newest
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.mark.fault("resume from an earlier checkpoint of a finished run", "refused in one line naming branch=true; "
+                   "with branch=true a new run folder; the finished run's files byte-identical")  # fmt: skip
+def test_resuming_an_earlier_checkpoint_of_a_run_never_changes_that_run(
+    compose_train, image_folder, tmp_path, observed
+):
+    """Issue 30's data loss: an earlier checkpoint of a finished run, resumed with another batch size, used to
+    continue in that run's folder and overwrite its later checkpoints, last.ckpt, grid and finished.json. It is now
+    refused in one line, or with branch=true trains in a new run folder recorded as branched from it; either way
+    every file of the finished run stays byte-identical."""
+    base = _fit_overrides(image_folder, max_steps=6) + ["callbacks.model_checkpoint.every_n_train_steps=2"]
+    train(compose_train(base))
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(exist_ok=True)  # a run folder as the CLI makes it
+    assert (run / "finished.json").is_file()
+    before = _hashes(run)
+    earlier = run / "checkpoints" / "step_00000002.ckpt"
+
+    cfg = compose_train(base + [f"ckpt_path={earlier}", "data.batch_size=4"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "resumed")
+    with pytest.raises(UserError, match=r"is step 2 of .*newest checkpoint is step 6 .*branch=true") as err:
+        train(cfg)
+    assert _hashes(run) == before
+    observed.append(f"refused: {str(err.value)[:60]}...; {len(before)} files of the run unchanged")
+
+    cfg = compose_train(base + [f"ckpt_path={earlier}", "branch=true"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "branch")
+    assert train(cfg)["trainer"].global_step == 6
+    assert _hashes(run) == before
+    import json
+
+    assert json.loads((tmp_path / "branch" / "branched_from.json").read_text())["global_step"] == 2
+    assert load_checkpoint(tmp_path / "branch" / "checkpoints" / "last.ckpt")["global_step"] == 6
+    observed.append("branch=true trained 2 -> 6 in a new folder (branched_from.json); the run unchanged")
+
+    # the newest checkpoint itself (last.ckpt and the step-6 one were written at the same step) resumes in place
+    cfg = compose_train(base + [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=8"])
+    assert train(cfg)["trainer"].global_step == 8
+
+
+@pytest.mark.fault("resume a DDPM checkpoint under iCT (same network keys)", "refused in one line naming both recipes "
+                   "and the experiment to use")  # fmt: skip
+def test_a_checkpoint_of_another_recipe_is_refused_in_one_line(compose_train, image_folder, tmp_path, observed):
+    """A DDPM checkpoint has the same network keys as an iCT model (no target network): it used to train on silently
+    under the consistency experiment, in the DDPM run's folder."""
+    train(compose_train(_fit_overrides(image_folder, max_steps=2)))
+    ddpm = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_train(folder_data(image_folder) + TINY_NET + QUIET + [
+        "model=ict", "sampler=consistency", f"ckpt_path={ddpm}", "trainer.max_steps=4"])  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"by the DDPM recipe .* cannot resume ConsistencyTraining") as err:
+        train(cfg)
+    observed.append(str(err.value).split(": ", 1)[-1][:90])
