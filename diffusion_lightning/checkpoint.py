@@ -4,7 +4,7 @@ latent first stage (:func:`load_first_stage`), as Hydra targets (``model.teacher
 
 from __future__ import annotations
 
-import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,22 @@ from .models.upgrade import upgrade_checkpoint, upgrade_run_config  # noqa: F401
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a Lightning checkpoint without running pickled code."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: give a checkpoint file (<run>/checkpoints/last.ckpt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; a text, empty or cut-off file is none
+        size = path.stat().st_size
+        what = "an empty file" if size == 0 else f"{size} bytes"
+        raise CheckpointError(f"{path} is not a checkpoint ({what}, not the zip archive torch.save writes, or cut "
+                              "off): give a .ckpt file of a run")  # fmt: skip
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any file that is no checkpoint: text, empty, cut off, foreign pickle
+        reason = (str(e).splitlines() or [""])[0] or type(e).__name__
         raise CheckpointError(
             f"cannot read {path} as a diffusion-lightning checkpoint (corrupt, truncated, or a foreign "
-            f"file that needs unsafe unpickling): {str(e).splitlines()[0]}"
+            f"file that needs unsafe unpickling): {reason[:200]}"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
@@ -73,6 +81,64 @@ def check_same_recipe(checkpoint: dict[str, Any], cfg: Any, path: str | Path = "
             f"resume {ours.rsplit('.', 1)[-1]} (experiment={cfg.get('run_name')}): resume it with "
             f"experiment={experiment}, or start a student from it with model.teacher.path=..."
         )
+
+
+#: Settings a resume may change without changing what is trained, or how: when the run stops, validates, logs,
+#: draws grids and checkpoints and where it writes; the grids' sampler and guidance; data loading; the accelerator;
+#: the components built from other runs, a teacher and a first stage (the run's checkpoint holds their weights, which
+#: must fit: :func:`check_compatible`). The global batch (``data.batch_size`` times
+#: ``trainer.devices`` times ``trainer.num_nodes``) may be split over another number of processes.
+RESUME_MAY_CHANGE = (
+    "trainer.max_steps", "trainer.max_epochs", "trainer.val_check_interval", "trainer.check_val_every_n_epoch",
+    "trainer.limit_val_batches", "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.accelerator",
+    "trainer.num_sanity_val_steps", "trainer.default_root_dir", "trainer.enable_model_summary", "callbacks", "logger",
+    "paths", "ckpt_path", "branch", "test", "task_name", "nonfinite", "sampler", "guidance", "model.sampler",
+    "model.guidance", "model.teacher", "model.first_stage", "first_stage", "teacher", "data.root",
+    "data.num_workers", "data.pin_memory", "data.persistent_workers",
+    "data.batch_size", "trainer.devices", "trainer.num_nodes",  # compared as the global batch
+)  # fmt: skip
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    flat = {k: v for key, value in d.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return flat or {prefix[:-1]: {}}
+
+
+def _global_batch(config: dict[str, Any]) -> Any:
+    data, trainer = config.get("data") or {}, config.get("trainer") or {}
+    parts = (data.get("batch_size"), trainer.get("devices", 1), trainer.get("num_nodes", 1))
+    return parts[0] * parts[1] * parts[2] if all(isinstance(p, int) for p in parts) else parts
+
+
+def resume_changes(checkpoint: dict[str, Any], cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """The settings of ``cfg`` that differ from those the checkpoint's run trained with, as {key: (then, now)},
+    except :data:`RESUME_MAY_CHANGE` (keys only one side has, from another version of the framework, are skipped)."""
+    then = checkpoint.get("run_config") or {}
+    now = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    old, new = _flatten(then), _flatten(now)
+    changes = {k: (old[k], new[k]) for k in old.keys() & new.keys()
+               if old[k] != new[k] and not any(k == s or k.startswith(s + ".") for s in RESUME_MAY_CHANGE)}
+    if then and _global_batch(then) != _global_batch(now):
+        changes["global batch (data.batch_size x trainer.devices x trainer.num_nodes)"] = (
+            _global_batch(then), _global_batch(now))
+    return dict(sorted(changes.items()))
+
+
+def check_resume_settings(checkpoint: dict[str, Any], cfg: Any, path: str | Path, branch: bool) -> dict[str, Any]:
+    """Refuse to continue a run with other data, batch, model or optimisation settings than it trained with (its
+    checkpoints would hold a run of two configs), naming what changed; with ``branch`` the change starts a new run
+    folder instead, and the changes are returned for its ``branched_from.json``."""
+    changes = resume_changes(checkpoint, cfg)
+    if changes and not branch:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in list(changes.items())[:4]))
+        more = f" (and {len(changes) - 4} more)" if len(changes) > 4 else ""
+        raise CheckpointError(
+            f"ckpt_path={path} trained with other settings than these: {listed}{more}. Resume with the run's own "
+            "settings (its .hydra/overrides.yaml), or start a new run folder from this checkpoint with branch=true"
+        )
+    return {k: {"then": a, "now": b} for k, (a, b) in changes.items()}
 
 
 def model_from_checkpoint(path: str | Path, ema: bool = True, generative: bool = True) -> nn.Module:

@@ -23,7 +23,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Subset
 
 from .checkpoint import model_from_checkpoint
-from .errors import UserError, suggest_on_failure
+from .errors import UserError, run_entry
 from .metrics import SampleQuality, get_extractor, load_or_compute_reference_stats, to_uint8
 from .metrics.reference import dataset_key
 from .utils import generate, resolve_device, run_or_exit
@@ -44,6 +44,9 @@ def evaluate_nll(cfg: DictConfig, model: torch.nn.Module, device: torch.device) 
     """The variational bound in bits/dim (iDDPM eq. 4-7, prior L_T included) on the test split (``model.nll``)."""
     if not hasattr(model, "nll"):
         raise UserError(f"{type(model).__name__} has no likelihood bound: metric=nll needs a DDPM-family model")
+    if model.first_stage.latent_shape is not None:
+        raise UserError("metric=nll is the bound in bits per image dimension of a pixel model; this one diffuses "
+                        "autoencoder latents, whose bound says nothing about images: use metric=fid")
     variance_type = model.nll_variance_type(cfg.nll.variance_type)  # a bad one fails here, before any data is read
     data = datamodule_for(cfg, model).dataset(cfg.nll.split)
     if cfg.nll.num_images is not None:
@@ -180,4 +183,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    suggest_on_failure(main, "evaluate")
+    run_entry(main, "evaluate")

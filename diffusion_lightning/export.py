@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from .checkpoint import model_from_checkpoint
-from .errors import UserError, suggest_on_failure
+from .errors import UserError, run_entry
 from .utils import run_or_exit
 
 if TYPE_CHECKING:
@@ -304,4 +304,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    suggest_on_failure(main, "export")
+    run_entry(main, "export")

@@ -6,6 +6,7 @@ its own run folder."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -30,12 +31,13 @@ def data_key(data: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: data.get(k) for k in ("_target_", "root", "image_size")}
 
 
-def find_finished_run(log_dir: str | Path, experiment: str, data: DictConfig) -> Path | None:
-    """The last checkpoint of the newest finished run of ``experiment`` under ``log_dir``/train on the same data."""
+def find_finished_run(log_dir: str | Path, experiment: str, data: DictConfig) -> dict[str, Any] | None:
+    """The ``finished.json`` of the newest finished run of ``experiment`` under ``log_dir``/train on the same data
+    whose last checkpoint exists (its ``checkpoint`` and ``global_step``)."""
     for marker in sorted(Path(log_dir).glob(f"train/{experiment}/*/{FINISHED}"), reverse=True):
         info = json.loads(marker.read_text())
         if info.get("data") == data_key(data) and Path(info["checkpoint"]).is_file():
-            return Path(info["checkpoint"])
+            return info
     return None
 
 
@@ -65,10 +67,10 @@ def ensure_prior_run(cfg: DictConfig, key: str, train: Callable[[DictConfig], An
     """The checkpoint of the run a two-stage run builds on (``key``: ``first_stage`` or ``teacher``): the newest
     finished run of ``cfg[key].experiment`` on the same data, else one trained now by ``train``."""
     experiment, what = cfg[key].experiment, key.replace("_", " ")
-    if found := find_finished_run(cfg.paths.log_dir, experiment, cfg.data):
-        print(f"{what}: reusing {found} (a finished {experiment} run on this data; model.{key}.path=... picks "
-              "another)")
-        return str(found)
+    if info := find_finished_run(cfg.paths.log_dir, experiment, cfg.data):
+        print(f"{what}: reusing {info['checkpoint']} (a finished {experiment} run on this data, trained for "
+              f"{info.get('global_step')} steps; model.{key}.path=... picks another)")
+        return str(info["checkpoint"])
     if not cfg[key].get("train", True):
         raise UserError(f"no finished {experiment} run on this data under {cfg.paths.log_dir}/train: train one first "
                         f"(make train EXP={experiment}) or set model.{key}.path=<its checkpoints/last.ckpt>")
@@ -77,7 +79,14 @@ def ensure_prior_run(cfg: DictConfig, key: str, train: Callable[[DictConfig], An
     print(f"{what}: no finished {experiment} run on this data under {cfg.paths.log_dir}/train: training it in {out}")
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(prior, out / ".hydra" / "config.yaml", resolve=False)
-    train(prior)
+    handler = logging.FileHandler(out / "train.log")  # the prior run's own log, as its own invocation would write
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        train(prior)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
     if not (out / FINISHED).is_file():
         raise RuntimeError(f"the {what} in {out} finished without a last checkpoint")
     found = json.loads((out / FINISHED).read_text())["checkpoint"]

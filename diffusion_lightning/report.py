@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 QUALITY_COLUMNS = ("experiment", "step", "EMA", "sampler", "steps", "NFE", "samples", "features", "FID",
                    "KID (raw MMD², not ×1000)", "IS", "wall time")  # fmt: skip
 NLL_COLUMNS = ("experiment", "step", "EMA", "estimator", "split", "images", "bits/dim", "wall time")
@@ -217,6 +219,7 @@ def write_run_report(run: str | Path, out_dir: str | Path | None = None,
     if not (run / "checkpoints").is_dir() and not (run / "tensorboard").is_dir():
         raise FileNotFoundError(f"{run} is no training run folder (no checkpoints/ or tensorboard/): give "
                                 "RUN=outputs/train/<experiment>/<time>")  # fmt: skip
+    config = _resolved_config(run)  # an unreadable checkpoint fails here, before the report folder is made
     out = Path(out_dir) if out_dir else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# Training run `{run.name}` ({run.parent.name})", f"Run folder: `{run}`."]
@@ -267,7 +270,6 @@ def write_run_report(run: str | Path, out_dir: str | Path | None = None,
     parts.append("## Config")
     if (overrides := run / ".hydra" / "overrides.yaml").is_file():
         parts += ["Command-line overrides:", "```yaml\n" + overrides.read_text().strip() + "\n```"]
-    config = _resolved_config(run)
     if config is not None:
         parts += ["Resolved config (from the last checkpoint):", "```yaml\n" + yaml.safe_dump(config, sort_keys=False)
                   + "```"]  # fmt: skip
@@ -278,12 +280,13 @@ def write_run_report(run: str | Path, out_dir: str | Path | None = None,
 
 def _resolved_config(run: Path) -> dict[str, Any] | None:
     """The resolved run config stored in the run's ``last.ckpt`` (else its newest checkpoint), else ``.hydra``'s."""
-    import torch
     import yaml
+
+    from .checkpoint import load_checkpoint
 
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
     if ckpts:
-        return torch.load(ckpts[0], map_location="cpu", weights_only=True).get("run_config")
+        return load_checkpoint(ckpts[0]).get("run_config")
     if (cfg := run / ".hydra" / "config.yaml").is_file():
         return yaml.safe_load(cfg.read_text())
     return None
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     if args.run:
         try:
             page = write_run_report(args.run, args.out, args.results)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, UserError) as e:
             parser.exit(2, f"error: {e}\n")
         print(f"wrote {page}")
         return {"markdown": page}

@@ -98,12 +98,13 @@ def checkpoint_step(path: Path) -> int:
         return -1
 
 
-def record_branch(output_dir: str | Path, ckpt_path: str | Path, step: int) -> None:
-    """``branched_from.json`` in a run folder started from a checkpoint of another run."""
+def record_branch(output_dir: str | Path, ckpt_path: str | Path, step: int, changes: dict | None = None) -> None:
+    """``branched_from.json`` in a run folder started from a checkpoint of another run: the checkpoint, its step and
+    the settings changed from its run's (``{key: {"then": ..., "now": ...}}``)."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "branched_from.json").write_text(
-        json.dumps({"checkpoint": str(Path(ckpt_path).resolve()), "global_step": step}, indent=1) + "\n"
-    )
+    (Path(output_dir) / "branched_from.json").write_text(json.dumps(
+        {"checkpoint": str(Path(ckpt_path).resolve()), "global_step": step, "changed": changes or {}}, indent=1
+    ) + "\n")
 
 
 def continue_in(run: Path, cfg: DictConfig) -> None:
@@ -121,13 +122,19 @@ def continue_in(run: Path, cfg: DictConfig) -> None:
     log.info(f"resuming in the run folder of the checkpoint, {run}: its checkpoints, grids and curves continue there")
 
 
-def drop_empty_run(folder: Path) -> bool:
-    """Remove a run folder that holds nothing but Hydra's config copy and the log (a run that failed before it wrote
-    a checkpoint, a grid or a curve); True if it was removed."""
+def drop_empty_run(folder: Path, up_to: Path | None = None) -> bool:
+    """Remove a run folder that holds nothing but Hydra's config copy and logs (a run that failed before it wrote a
+    checkpoint, a grid, a sample or a curve), and its parents below ``up_to`` that it leaves empty; True if removed."""
     if not folder.is_dir():
         return False
     for path in folder.iterdir():
-        if path.name not in (".hydra", "train.log") and (path.is_file() or any(p.is_file() for p in path.rglob("*"))):
+        kept = path.is_file() or any(p.is_file() for p in path.rglob("*"))
+        if kept and path.name != ".hydra" and path.suffix != ".log":
             return False
     shutil.rmtree(folder, ignore_errors=True)
+    if up_to is not None:
+        up_to, parent = up_to.resolve(), folder.resolve().parent
+        while parent != up_to and up_to in parent.parents and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
     return True

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from .checkpoint import model_from_checkpoint
-from .errors import suggest_on_failure
+from .errors import run_entry
 from .images import to_uint8
 from .utils import generate, resolve_device, run_or_exit
 
@@ -34,7 +34,8 @@ def sample_from_config(cfg: DictConfig) -> Path:
     if cfg.save_npz:
         np.savez(out.with_suffix(".npz"), samples=to_uint8(images).permute(0, 2, 3, 1).numpy())
     spec = model.sampler_spec(sampler)
-    rows = f", one row per class, guidance {cfg.get('guidance') or model.guidance or 1}" if model.num_classes else ""
+    guidance = next((g for g in (cfg.get("guidance"), model.guidance) if g is not None), 1)
+    rows = f", one row per class, guidance {guidance}" if model.num_classes else ""
     print(f"wrote {len(images)} samples ({spec['name']}, steps={spec.get('steps')}, {nfe} NFE{rows}) to {out}")
     return out
 
@@ -45,4 +46,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    suggest_on_failure(main, "sample")
+    run_entry(main, "sample")

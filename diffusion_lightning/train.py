@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import launcher  # noqa: F401 - patches Lightning's DDP launcher for Hydra apps
-from .checkpoint import check_compatible, check_same_recipe, load_checkpoint
-from .errors import UserError, suggest_on_failure
+from .checkpoint import check_compatible, check_resume_settings, check_same_recipe, load_checkpoint
+from .errors import UserError, run_entry
+from .models import DiffusionModel
 from .prior_stages import FINISHED, data_key, fill_prior_stages
 from .run_folder import (
     check_run_folder,
@@ -45,6 +45,12 @@ warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 # Latent diffusion keeps its frozen first stage in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Lightning's note that srun exists but this process was not started by it: runs on SLURM go through Hydra's submitit
+# launcher (or sbatch), which sets the job's environment; a local run is no mistake.
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+# A resume continues in its run's own checkpoints/ (it exists, by design), or a branch starts a new one: not news.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* therefore")
 # A deprecation inside Lightning's own code (lightning/pytorch/utilities/_pytree.py), nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -92,11 +98,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint, branched_from = load_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None, None
     if checkpoint is not None:
         check_same_recipe(checkpoint, cfg, cfg.ckpt_path)
-    if cfg.get("ckpt_path") and (run := run_folder_of(cfg.ckpt_path)) and run != Path(cfg.paths.output_dir).resolve():
-        if resumes_its_run(cfg.ckpt_path, checkpoint, run, bool(cfg.get("branch"))):
+        run, here = run_folder_of(cfg.ckpt_path), Path(cfg.paths.output_dir).resolve()
+        changes = check_resume_settings(checkpoint, cfg, cfg.ckpt_path, bool(cfg.get("branch")) and run != here)
+        if run is None or run != here and (changes or not resumes_its_run(cfg.ckpt_path, checkpoint, run,
+                                                                           bool(cfg.get("branch")))):
+            branched_from = (cfg.ckpt_path, int(checkpoint.get("global_step", 0)), changes)  # a new run folder
+        elif run != here:
             continue_in(run, cfg)
-        else:
-            branched_from = (cfg.ckpt_path, int(checkpoint.get("global_step", 0)))
     model = instantiate(cfg.model, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     model.nonfinite = cfg.get("nonfinite", "stop")
@@ -106,11 +114,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_compatible(checkpoint, model, cfg.ckpt_path)
         del checkpoint  # Lightning loads it again in fit
 
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if isinstance(model, DiffusionModel):  # what the grids and metrics will sample with fails now, not at their turn
+        for sampler in [None, *(c.sampler for c in callbacks if getattr(c, "sampler", None) is not None)]:
+            model.check_sampling(sampler)
     check_run_folder(Path(cfg.paths.output_dir), model)
     if branched_from is not None:
         record_branch(cfg.paths.output_dir, *branched_from)
 
-    callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
@@ -138,14 +149,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     fresh, environ = Path(cfg.paths.output_dir), dict(os.environ)
     try:
-        result = run_or_exit(train, cfg)
-    except BaseException:
-        if drop_empty_run(fresh):
-            print(f"(removed the run folder {fresh}: the run wrote nothing)", file=sys.stderr)
-        raise
+        result = run_or_exit(train, cfg)  # a failed run's empty folder is removed there
     finally:
         if Path(cfg.paths.output_dir) != fresh:  # resumed in the checkpoint's run folder (continue_in)
-            drop_empty_run(fresh)
+            drop_empty_run(fresh, Path(cfg.paths.log_dir))
         # Lightning's DDP launcher leaves LOCAL_RANK, MASTER_PORT, ... set: the next job of a multirun in this
         # process would take them for an external launcher and wait for ranks that nobody starts
         os.environ.clear()
@@ -159,4 +166,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    suggest_on_failure(main, "train")
+    run_entry(main, "train")

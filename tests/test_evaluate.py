@@ -45,7 +45,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     overrides = [
         "experiment=ddpm_fmnist", *TINY_NET, *QUIET, "trainer.max_steps=2", "data.batch_size=8", "data.num_workers=0",
         "trainer.limit_val_batches=0", "callbacks.sample_grid=null", "callbacks.ema.decay=0.9", "logger=csv",
-        f"model.num_timesteps={NUM_TIMESTEPS}",
+        f"model.num_timesteps={NUM_TIMESTEPS}", "sampler.steps=20",  # the model's own sampler fits T=50
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)

@@ -120,13 +120,14 @@ def test_old_checkpoint_config_is_upgraded_and_resumes(compose_train, image_fold
     cfg = compose_train(folder_data(image_folder) + TINY_NET + QUIET + [
         "model.num_timesteps=1000", f"ckpt_path={FIXTURE / 'ddpm_eps.ckpt'}", "trainer.max_steps=32",
         "callbacks.sample_grid=null", "trainer.limit_val_batches=0", "logger=csv",
+        "branch=true",  # a new run from it, with other data and warm-up than its own run (refused without)
     ])  # fmt: skip
     with open_dict(cfg):
         cfg.model.optimizer.lr = old["run_config"]["model"]["lr"]
     out = train(cfg)
     assert out["trainer"].global_step == 32
     with open_dict(cfg):  # the new default schedule at T = 50 would not be the one it was trained with
-        cfg.model.num_timesteps, cfg.trainer.max_steps = 50, 34
+        cfg.model.num_timesteps, cfg.trainer.max_steps, cfg.sampler.steps = 50, 34, 20
     from diffusion_lightning.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"another noise schedule \(T=1000"):

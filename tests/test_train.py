@@ -254,10 +254,16 @@ def test_checkpoint_errors(compose_train, image_folder, tmp_path, observed):
     # another architecture
     wider = ["model.net.model_channels=12", f"ckpt_path={good}"]
     other = compose_train(_fit_overrides(image_folder, max_steps=2) + wider)
+    with pytest.raises(CheckpointError, match=r"other settings than these: model.net.model_channels: \d+ -> 12"):
+        train(other)  # continuing the run with another network
+    other = compose_train(_fit_overrides(image_folder, max_steps=2) + [*wider, "branch=true"])
+    with open_dict(other):
+        other.paths.output_dir = str(tmp_path / "wider")
     with pytest.raises(CheckpointError, match=r"different model.* written by experiment=ddpm_fmnist \(diffusion_"):
-        train(other)
+        train(other)  # a new run from it: the weights do not fit
     # the same network under another forward process: refused before any step (the weights would fit)
-    other_t = compose_train(_fit_overrides(image_folder, max_steps=2) + [f"ckpt_path={good}", "model.num_timesteps=60"])
+    other_t = compose_train(_fit_overrides(image_folder, max_steps=2) + [f"ckpt_path={good}", "model.num_timesteps=60",
+                                                                          "branch=true"])
     with open_dict(other_t):
         other_t.paths.output_dir = str(tmp_path / "other_t")
     with pytest.raises(CheckpointError, match="another noise schedule"):
@@ -265,7 +271,7 @@ def test_checkpoint_errors(compose_train, image_folder, tmp_path, observed):
     # corrupt file
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(good.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match=r"not a checkpoint \(1000 bytes, not the zip archive .* cut off\)"):
         load_checkpoint(bad)
     # a foreign pickle that would run code is refused by weights_only loading
     foreign = tmp_path / "foreign.ckpt"
@@ -276,9 +282,9 @@ def test_checkpoint_errors(compose_train, image_folder, tmp_path, observed):
     torch.save({"weights": torch.zeros(1)}, plain)
     with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
         load_checkpoint(plain)
-    observed.append("CheckpointError for each: different model ... written by experiment=ddpm_fmnist / another "
-                    "noise schedule / cannot read ... corrupt, truncated, or ... unsafe unpickling (x2) / not a "
-                    "Lightning checkpoint")  # fmt: skip
+    observed.append("CheckpointError for each: other settings ... model.net.model_channels / (branch=true) different "
+                    "model ... written by experiment=ddpm_fmnist / another noise schedule / not a checkpoint (1000 "
+                    "bytes ... cut off) / cannot read ... unsafe unpickling / not a Lightning checkpoint")  # fmt: skip
 
 
 @pytest.mark.fault("missing data set", "exit 2, no traceback, says where to put it")
@@ -329,6 +335,11 @@ def test_progress_lines_reach_a_file_and_train_log_while_the_run_goes(image_fold
     line = r"step \d+/300 · [\d.]+ img/s · loss [\d.]+ · elapsed \d+m\d\ds · ETA \d+m\d\ds"
     assert len(re.findall(line, text)) >= 2, text[-3000:]
     assert "step 300/300" in text
+    # one line per report, and none of the third-party notes that say nothing about the run (srun exists on the CI
+    # machine: its SLURM tests start a cluster)
+    assert "\r" not in text
+    noise = [ln for ln in text.splitlines() if re.search(r"`srun` command|exists and is not empty|Tip:|LeafSpec", ln)]
+    assert not noise, noise
 
 
 @pytest.mark.parametrize("bad", ["model.optimizer.lrr=1", "data.image_size=9"])
@@ -482,22 +493,26 @@ def test_resuming_an_earlier_checkpoint_of_a_run_never_changes_that_run(
     before = _hashes(run)
     earlier = run / "checkpoints" / "step_00000002.ckpt"
 
-    cfg = compose_train(base + [f"ckpt_path={earlier}", "data.batch_size=4"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "resumed")
-    with pytest.raises(UserError, match=r"is step 2 of .*newest checkpoint is step 6 .*branch=true") as err:
-        train(cfg)
-    assert _hashes(run) == before
-    observed.append(f"refused: {str(err.value)[:60]}...; {len(before)} files of the run unchanged")
+    for extra, message in ((["data.batch_size=2"], r"other settings than these: global batch .*: 4 -> 2.*branch=true"),
+                           ([], r"is step 2 of .*newest checkpoint is step 6 .*branch=true")):
+        cfg = compose_train(base + [f"ckpt_path={earlier}", *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "resumed")
+        with pytest.raises(UserError, match=message) as err:
+            train(cfg)
+        assert _hashes(run) == before
+        observed.append(f"refused: {str(err.value)[:70]}...; {len(before)} files of the run unchanged")
 
-    cfg = compose_train(base + [f"ckpt_path={earlier}", "branch=true"])
+    cfg = compose_train(base + [f"ckpt_path={earlier}", "branch=true", "data.batch_size=2"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "branch")
     assert train(cfg)["trainer"].global_step == 6
     assert _hashes(run) == before
     import json
 
-    assert json.loads((tmp_path / "branch" / "branched_from.json").read_text())["global_step"] == 2
+    branched = json.loads((tmp_path / "branch" / "branched_from.json").read_text())
+    assert branched["global_step"] == 2
+    assert list(branched["changed"].values()) == [{"then": 4, "now": 2}]
     assert load_checkpoint(tmp_path / "branch" / "checkpoints" / "last.ckpt")["global_step"] == 6
     observed.append("branch=true trained 2 -> 6 in a new folder (branched_from.json); the run unchanged")
 

@@ -10,7 +10,9 @@ under ``srun``, the pickled config under the submitit launcher).
 
 Signal: USR2 by default, the one the submitit launcher asks SLURM for (``--signal=USR2@<signal_delay_s>``) and one
 NCCL leaves alone; with ``sbatch`` write ``#SBATCH --signal=USR2@120`` (no ``B:``, so that the ``srun`` tasks get it).
-Outside SLURM the same signal (``kill -USR2 <pid>``) saves and stops the run, which then says how to resume it.
+Outside SLURM the same signal (``kill -USR2 <pid>``) saves and stops the run, which then says how to resume it. The
+process exits with status 0 either way (stopped as asked, nothing lost); the run has no ``finished.json`` until it
+is resumed to its end.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ log = logging.getLogger(__name__)
 
 
 class Preempted(SystemExit):
-    """Raised after the checkpoint was saved (and the job requeued): the run ends here without finishing."""
+    """Raised after the checkpoint was saved (and the job requeued): the run ends here without finishing, with exit
+    status 0 (it stopped as asked, nothing was lost) and without ``finished.json``; ``message`` says how it resumes."""
+
+    def __init__(self, message: str) -> None:
+        log.warning(message)
+        super().__init__(0)
+        self.message = message
 
 
 class Requeue(L.Callback):

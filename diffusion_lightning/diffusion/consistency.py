@@ -52,6 +52,7 @@ class ConsistencyFunction(DenoiserWrapper):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
         self.sigma_min, self.sigma_max, self.mid_sigmas = sigma_min, sigma_max, tuple(mid_sigmas)
         self.enforce = enforce
+        self.samplers = ("consistency",)
 
     def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         s = sigma_batch(sigma, x)

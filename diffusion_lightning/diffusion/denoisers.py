@@ -71,10 +71,12 @@ class Denoiser:
     learned_variance: bool = False
     #: What the model declares to the samplers: x0 lies in [-1, 1] (``clip_denoised`` and ``threshold`` apply; not
     #: for latents), the reverse variance of ancestral sampling (None: learned_range for a learned-variance model,
-    #: else fixed_small), and the step count when a call gives none (a distilled model's own; None: the grid's).
+    #: else fixed_small), the step count when a call gives none (a distilled model's own; None: the grid's), and
+    #: the samplers it is meant for (None: every one; a consistency model: only consistency sampling).
     bounded: bool = True
     variance_type: str | None = None
     default_steps: int | None = None
+    samplers: tuple[str, ...] | None = None
 
     def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         """x0_hat and, for a learned-variance model, the raw variance values v (else None)."""
@@ -288,6 +290,7 @@ class DenoiserWrapper(Denoiser):
         self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
         self.learned_variance, self.bounded = inner.learned_variance, inner.bounded
         self.variance_type, self.default_steps = inner.variance_type, inner.default_steps
+        self.samplers = inner.samplers
 
     def predict(self, x: Tensor, sigma: Sigma, y: Cond = None) -> tuple[Tensor, Tensor | None]:
         return self.inner.predict(x, sigma, y)

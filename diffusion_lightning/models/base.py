@@ -13,6 +13,7 @@ logs (:meth:`~DiffusionModel.shared_step`); sampling is prior noise -> sampler -
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from diffusion_lightning.diffusion import Denoiser, Guided, sample
 from diffusion_lightning.diffusion.conditioning import Cond, cond_map, drop_condition
 from diffusion_lightning.diffusion.denoisers import Unbounded
+from diffusion_lightning.diffusion.grids import sampling_sigmas
 from diffusion_lightning.diffusion.sampling import check_sampler
 from diffusion_lightning.errors import UserError
 
@@ -31,10 +33,16 @@ from .lr_schedules import linear_warmup  # noqa: F401 - checkpoints before issue
 from .run_module import RunModule
 from .speed import _COMPILED, _EagerFallback, compiled
 
+log = logging.getLogger(__name__)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 #: What :meth:`DiffusionModel.loss` returns: the per-sample loss, or it and named extra values (module docstring).
 LossOutput = Tensor | tuple[Tensor, dict[str, Tensor]]
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def weighted_mean(out: LossOutput) -> Tensor:
@@ -183,17 +191,34 @@ class DiffusionModel(RunModule):
         return isinstance(wrapper, _EagerFallback) and wrapper.compiled_net is not None
 
     def sampler_spec(self, sampler: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
-        """The sampler settings a call runs with: ``sampler`` (or the model's own when None) updated by
-        ``overrides``; a :class:`~diffusion_lightning.errors.UserError` names what is wrong with them. What the model
-        itself decides (clipping, the variance, a distilled step count) its denoiser declares."""
-        spec = {**(self.sampler if sampler is None else sampler), **overrides}
-        if spec.get("steps") is None and (steps := self.denoiser().default_steps) is not None:
-            spec["steps"] = steps  # e.g. a distilled model's own step count
+        """The sampler settings a call runs with: ``sampler`` (or the model's own when None; without a ``name``, keys
+        that change the model's own) updated by ``overrides``; a :class:`~diffusion_lightning.errors.UserError` names
+        what is wrong with them, before any network runs. What the model itself decides (clipping, the variance, a
+        distilled step count, the sampler family of a consistency model) its denoiser declares."""
+        own = self.sampler if sampler is None or "name" not in sampler else {}
+        spec = {**own, **(sampler or {}), **overrides}
+        denoiser = self.denoiser()
+        if spec.get("steps") is None and denoiser.default_steps is not None:
+            spec["steps"] = denoiser.default_steps  # e.g. a distilled model's own step count
+        if denoiser.samplers and spec.get("name") not in denoiser.samplers:
+            raise UserError(f"sampler={spec.get('name')} does not sample a {type(self).__name__} model, which "
+                            f"maps noise to data directly: use sampler={' or sampler='.join(denoiser.samplers)}")
+        if denoiser.default_steps is not None and str(spec.get("steps")) != str(denoiser.default_steps):
+            _warn_once(f"{type(self).__name__} was distilled for {denoiser.default_steps} sampling steps; "
+                       f"sampler.steps={spec.get('steps')} is outside what it was trained for")  # fmt: skip
         try:
             check_sampler(spec.get("name", ""), {k: v for k, v in spec.items() if k != "name"})
+            sampling_sigmas(denoiser, spec.get("steps"), spec.get("grid", "native"), spec.get("rho", 7.0))
         except ValueError as e:
             raise UserError(f"{e} (sampler settings: {spec})") from None
         return spec
+
+    def check_sampling(self, sampler: Mapping[str, Any] | None = None, guidance: float | None = None) -> None:
+        """Raise the :class:`~diffusion_lightning.errors.UserError` that sampling with ``sampler`` and ``guidance``
+        (None: the model's own) would raise, without sampling: training calls it before its first step for the grids
+        and metrics it will draw."""
+        self.sampler_spec(sampler)
+        self.guided_denoiser(self.guidance if guidance is None else guidance)
 
     @torch.no_grad()
     def sample(

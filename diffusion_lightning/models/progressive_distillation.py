@@ -128,6 +128,7 @@ class ProgressiveDistillation(StudentModel):
         if not 0 < self.trainer.max_steps <= total:
             raise UserError(f"{self.num_rounds} rounds of {self.steps_per_round} steps need trainer.max_steps={total} "
                             f"(got {self.trainer.max_steps}; fewer stop in an earlier round)")
+        self._log_round()  # the round training starts in (round 1, or the one a resume is in)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if (r := self.global_step // self.steps_per_round) > self._round and r < self.num_rounds:
@@ -144,6 +145,10 @@ class ProgressiveDistillation(StudentModel):
             optimizer.state.clear()
         self._round = r
         self.student_steps.fill_(self.start_steps >> (r + 1))
+        self._log_round()
+
+    def _log_round(self) -> None:
+        r = self._round
         log.info(f"progressive distillation round {r + 1}/{self.num_rounds}: {self.start_steps >> r} teacher steps -> "
                  f"{self.start_steps >> (r + 1)} student steps")
 

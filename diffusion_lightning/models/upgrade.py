@@ -39,7 +39,8 @@ def upgrade_run_config(config: dict[str, Any], checkpoint_format: int) -> dict[s
 def compose_model_config(model: dict[str, Any], rebuild_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """Format 2 -> 3 of one model config and the ``rebuild_kwargs`` stored beside it, as one config that rebuilds the
     model without other files: ``LatentDiffusion`` becomes DDPM on a :class:`~.first_stage.LatentSpace` (from the stored
-    stage-1 config), and a student's ``teacher_ckpt`` / ``teacher_config`` becomes its ``teacher`` config."""
+    stage-1 config), a student's ``teacher_ckpt`` / ``teacher_config`` becomes its ``teacher`` config, and the warm-up
+    schedule is named where it now lives (``models.lr_schedules``)."""
     model, rebuild = dict(model), dict(rebuild_kwargs or {})
     if str(model.get("_target_", "")).endswith("LatentDiffusion"):
         stage1 = rebuild.pop("first_stage_config", None) or model.get("first_stage_config")
@@ -58,6 +59,9 @@ def compose_model_config(model: dict[str, Any], rebuild_kwargs: dict[str, Any] |
             rebuild.pop(key, None)
         if teacher is not None:
             model["teacher"] = compose_model_config(teacher["model"], teacher.get("rebuild_kwargs"))
+    schedule = model.get("lr_scheduler")
+    if isinstance(schedule, dict) and schedule.get("_target_") == "diffusion_lightning.models.base.linear_warmup":
+        model["lr_scheduler"] = {**schedule, "_target_": "diffusion_lightning.models.lr_schedules.linear_warmup"}
     return {**model, **rebuild}
 
 

@@ -20,12 +20,29 @@ R = TypeVar("R")
 
 
 def run_or_exit(fn: Callable[[Any], R], cfg: Any) -> R:
-    """Run an entry point; bad input ends it with its message and exit code 2, no stack trace."""
+    """Run an entry point; bad input ends it with its message and exit code 2, no stack trace. A run that fails
+    leaves no folder that holds only its config and log (nor the empty parents above it)."""
+    from pathlib import Path
+
+    from ..run_folder import drop_empty_run
+
+    try:
+        paths = cfg.get("paths") or {}
+        folder = Path(paths["output_dir"])
+        log_dir = Path(paths["log_dir"]) if paths.get("log_dir") else folder.parent
+    except Exception:  # noqa: BLE001 - no Hydra run folder (a config composed in a test)
+        folder = log_dir = None
     try:
         return fn(cfg)
-    except (UserError, DatasetError, InstantiationException, FloatingPointError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(2)
+    except BaseException as e:
+        if folder is not None:
+            drop_empty_run(folder, log_dir)
+        if isinstance(e, InstantiationException) and isinstance(e.__cause__, UserError | DatasetError):
+            e = e.__cause__  # a component's own error (a teacher's checkpoint), not Hydra's wrapping of it
+        if isinstance(e, UserError | DatasetError | InstantiationException | FloatingPointError):
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+            sys.exit(2)
+        raise
 
 
 def resolve_device(name: str) -> torch.device:
