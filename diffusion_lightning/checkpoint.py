@@ -42,6 +42,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return upgrade_checkpoint(checkpoint)
 
 
+def identity(checkpoint: dict[str, Any]) -> dict[str, str | None]:
+    """What wrote a checkpoint (:meth:`~diffusion_lightning.models.run_module.RunModule.identity`): stored since issue
+    30; for older ones the recipe read from its run config."""
+    if "identity" in checkpoint:
+        return checkpoint["identity"]
+    target = str(((checkpoint.get("run_config") or {}).get("model") or {}).get("_target_", ""))
+    return {"recipe": target.rsplit(".", 1)[-1] or None}
+
+
+def describe(checkpoint: dict[str, Any]) -> str:
+    """``a DDPM checkpoint (experiment=ddpm_fmnist, on LatentSpace, teacher ContinuousDiffusion)``."""
+    who = identity(checkpoint)
+    parts = [f"experiment={(checkpoint.get('run_config') or {}).get('run_name')}"]
+    if who.get("first_stage") == "LatentSpace":
+        parts.append("on autoencoder latents")
+    if who.get("teacher"):
+        parts.append(f"distilled from a {who['teacher']}")
+    return f"a {who.get('recipe') or 'unknown'} checkpoint ({', '.join(parts)})"
+
+
 def check_compatible(checkpoint: dict[str, Any], model: nn.Module, path: str | Path = "checkpoint") -> None:
     """Raise a clear error if the checkpoint's weights do not fit ``model`` (other architecture)."""
     own = model.state_dict()
@@ -72,14 +92,13 @@ def check_compatible(checkpoint: dict[str, Any], model: nn.Module, path: str | P
 def check_same_recipe(checkpoint: dict[str, Any], cfg: Any, path: str | Path = "checkpoint") -> None:
     """Refuse to resume a checkpoint under another recipe (even one whose network keys match: a DDPM checkpoint under
     a consistency-training experiment would otherwise train on silently), naming both and the experiment to use."""
-    config = checkpoint.get("run_config") or {}
-    theirs, ours = (config.get("model") or {}).get("_target_"), cfg.model.get("_target_")
+    theirs, ours = identity(checkpoint).get("recipe"), str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1]
     if theirs and ours and theirs != ours:
-        experiment = config.get("run_name")
+        experiment = (checkpoint.get("run_config") or {}).get("run_name")
         raise CheckpointError(
-            f"{path} was written by the {theirs.rsplit('.', 1)[-1]} recipe (experiment={experiment}) and cannot "
-            f"resume {ours.rsplit('.', 1)[-1]} (experiment={cfg.get('run_name')}): resume it with "
-            f"experiment={experiment}, or start a student from it with model.teacher.path=..."
+            f"{path} is {describe(checkpoint)} and cannot resume the {ours} recipe "
+            f"(experiment={cfg.get('run_name')}): resume it with experiment={experiment}, or start a student from it "
+            "with model.teacher.path=..."
         )
 
 
@@ -148,7 +167,7 @@ def model_from_checkpoint(path: str | Path, ema: bool = True, generative: bool =
     config = checkpoint.get("run_config")
     if not config or "model" not in config:
         raise CheckpointError(f"{path} has no run_config: it was not written by diffusion_lightning.train")
-    if generative and str(config["model"].get("_target_", "")).endswith(".Autoencoder"):
+    if generative and identity(checkpoint).get("recipe") == "Autoencoder":
         raise CheckpointError(
             f"{path} is a stage-1 autoencoder: it reconstructs images but does not sample them. Sample and evaluate "
             "the checkpoint of the latent diffusion run trained on it (ldm_*); its test PSNR/SSIM/rFID are in the "
@@ -190,11 +209,9 @@ def load_first_stage(path: str | Path | None, scale_factor: float | None = None,
                               "or leave it null in an ldm_* experiment to train or reuse one")  # fmt: skip
     checkpoint = load_checkpoint(path)
     config = (checkpoint.get("run_config") or {}).get("model")
-    if not config or not str(config.get("_target_", "")).endswith("Autoencoder"):
-        raise CheckpointError(
-            f"{path} is not a stage-1 autoencoder checkpoint (its model is {config and config.get('_target_')}): "
-            "point model.first_stage.path at checkpoints/last.ckpt of an ae_* run"
-        )
+    if not config or identity(checkpoint).get("recipe") != "Autoencoder":
+        raise CheckpointError(f"{path} is {describe(checkpoint)}, not a stage-1 autoencoder: point "
+                              "model.first_stage.path at checkpoints/last.ckpt of an ae_* run")  # fmt: skip
     net = instantiate(config["net"], _convert_="all")
     net.load_state_dict({k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
     first_stage = LatentSpace(net, scale_factor, scale_batches)

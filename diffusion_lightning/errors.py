@@ -3,6 +3,7 @@ command line before Hydra composes it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,13 @@ def _group_overrides(overrides: list[str]) -> list[str]:
 
 
 def _compose(overrides: list[str], config_name: str) -> dict[str, Any] | None:
-    """The config ``config_name`` under the group choices of ``overrides`` (unresolved), or None when it cannot be
-    composed at all (Hydra then says why)."""
+    """The config ``config_name`` under the group choices of ``overrides`` (unresolved; not to be changed), or None
+    when it cannot be composed at all (Hydra then says why)."""
+    return _compose_groups(tuple(_group_overrides(overrides)), config_name)
+
+
+@functools.lru_cache(maxsize=16)
+def _compose_groups(groups: tuple[str, ...], config_name: str) -> dict[str, Any] | None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -36,7 +42,7 @@ def _compose(overrides: list[str], config_name: str) -> dict[str, Any] | None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name, overrides=_group_overrides(overrides))
+            cfg = compose(config_name, overrides=list(groups))
         return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
     except Exception:  # noqa: BLE001 - Hydra reports it itself when the entry composes
         return None

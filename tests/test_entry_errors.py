@@ -44,8 +44,15 @@ def _bad_files(folder: Path) -> dict[str, Path]:
 
 
 def _hashes(*roots: Path, skip: Path | None = None) -> dict[str, str]:
+    """sha256 of every file under ``roots`` outside ``skip``."""
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in sorted(root.rglob("*"))
             if p.is_file() and (skip is None or skip not in p.parents)}  # fmt: skip
+
+
+def _stats(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file under ``root`` outside ``skip`` (between two invocations)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file() and skip not in p.parents}  # fmt: skip
 
 
 def _invoke(module: str, argv: list[str]) -> tuple[int, str]:
@@ -106,6 +113,7 @@ def test_every_entry_point_and_slot_takes_every_file_in_one_line(tmp_path, obser
     (bystander / "checkpoints").mkdir(parents=True)
     shutil.copy(FIXTURES / "ddpm.ckpt", bystander / "checkpoints" / "last.ckpt")
     worked, failed, problems = [], 0, []
+    inputs_before = _hashes(tmp_path, FIXTURES)  # the inputs, the bystander run, the data: compared at the end
     for slot, (module, argv) in _slots(data, tmp_path / "outputs").items():
         for name, path in inputs.items():
             run = tmp_path / "runs" / f"{slot.replace(' ', '_')}-{name}"
@@ -113,13 +121,13 @@ def test_every_entry_point_and_slot_takes_every_file_in_one_line(tmp_path, obser
                 (run / "checkpoints").mkdir(parents=True)
                 target = run / "checkpoints" / "last.ckpt"
                 shutil.copytree(path, target) if path.is_dir() else shutil.copy(path, target)
-            before = _hashes(tmp_path, FIXTURES, skip=run)
+            before = _stats(tmp_path, skip=run)
             code, out = _invoke(module, argv(path, run))
             lines = [line for line in out.splitlines() if line.strip()]
             errors = [line for line in lines if line.startswith("error:")]
             if "Traceback" in out or code not in (0, 2) or code == 2 and (len(errors) != 1 or errors[0] != lines[-1]):
                 problems.append(f"{slot} <- {name}: exit {code}\n{out[-1500:]}")
-            if _hashes(tmp_path, FIXTURES, skip=run) != before:
+            if _stats(tmp_path, skip=run) != before:
                 problems.append(f"{slot} <- {name}: changed files outside {run}")
             if code == 2 and module != "report" and run.exists():
                 problems.append(f"{slot} <- {name}: left {sorted(p.name for p in run.iterdir())} after failing")
@@ -127,8 +135,9 @@ def test_every_entry_point_and_slot_takes_every_file_in_one_line(tmp_path, obser
                 worked.append(f"{slot} <- {name}")
             else:
                 failed += 1
-    Path(os.environ.get("DL_PROBLEMS", os.devnull)).write_text("\n\n".join(problems))
     assert not problems, "\n\n".join(problems)
+    after = _hashes(tmp_path, FIXTURES, skip=tmp_path / "runs")
+    assert after == inputs_before, "an input, the bystander run or the data changed"
     # the kinds each slot is for work through it
     for expected in ("train ckpt_path <- ddpm", "train model.teacher.path <- vdiff", "sample <- pd", "sample <- ect",
                      "train model.first_stage.path <- ae", "evaluate <- ddpm", "sample <- ldm", "report <- ddpm"):

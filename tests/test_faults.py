@@ -107,11 +107,11 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(straight, imag
 def test_the_warning_signal_saves_and_stops_and_the_run_resumes_bitwise(straight, image_folder_module, tmp_path,
                                                                          observed):  # fmt: skip
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(run, image_folder_module), cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(_cli(run, image_folder_module), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip  (the log's console handler: stdout)
     wait_for(run, "checkpoints/step_00000003.ckpt", proc)
     proc.send_signal(signal.SIGUSR2)
-    _, err = proc.communicate(timeout=60)
+    err, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "stopped by SIGUSR2 at step" in err, err[-3000:]  # stopped as asked: no error
     step = load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
     assert 3 <= step < STEPS and not (run / "finished.json").exists()

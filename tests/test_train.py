@@ -528,8 +528,9 @@ def test_a_checkpoint_of_another_recipe_is_refused_in_one_line(compose_train, im
     under the consistency experiment, in the DDPM run's folder."""
     train(compose_train(_fit_overrides(image_folder, max_steps=2)))
     ddpm = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(ddpm)["identity"] == {"recipe": "DDPM", "first_stage": "PixelSpace", "teacher": None}
     cfg = compose_train(folder_data(image_folder) + TINY_NET + QUIET + [
         "model=ict", "sampler=consistency", f"ckpt_path={ddpm}", "trainer.max_steps=4"])  # fmt: skip
-    with pytest.raises(CheckpointError, match=r"by the DDPM recipe .* cannot resume ConsistencyTraining") as err:
+    with pytest.raises(CheckpointError, match=r"is a DDPM checkpoint .* cannot resume the ConsistencyTraining") as err:
         train(cfg)
     observed.append(str(err.value).split(": ", 1)[-1][:90])

@@ -124,6 +124,11 @@ class DiffusionModel(RunModule):
                 )
 
     # ------------------------------------------------------------------ what callers ask
+    def identity(self) -> dict[str, str | None]:
+        teacher = getattr(self, "teacher", None)
+        return {"recipe": type(self).__name__, "first_stage": type(self.first_stage).__name__,
+                "teacher": type(teacher).__name__ if teacher is not None else None}  # fmt: skip
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images :meth:`sample` returns."""

@@ -80,12 +80,18 @@ class RunModule(L.LightningModule):
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
         checkpoint["format"] = CHECKPOINT_FORMAT
+        checkpoint["identity"] = self.identity()
         checkpoint["rng_states"] = _rng_states()
         checkpoint["skipped_steps"] = self.skipped_steps
         if self._shared_rng is not None:
             checkpoint["shared_rng_states"] = {kind: g.get_state() for kind, g in self._shared_rng.items()}
         if rebuild := self.rebuild_kwargs():
             checkpoint["rebuild_kwargs"] = rebuild
+
+    def identity(self) -> dict[str, str | None]:
+        """What wrote a checkpoint, stored in it: the recipe (a class of :mod:`diffusion_lightning.models`) and, for a
+        diffusion recipe, the kinds of its first stage and teacher; the slots that take checkpoints check it."""
+        return {"recipe": type(self).__name__}
 
     def rebuild_kwargs(self) -> dict[str, Any]:
         """Arguments that replace the run config's when a checkpoint rebuilds this module: what points at other files
