@@ -41,7 +41,7 @@ def _compose_pd(compose_train, image_folder, tmp_path, *extra: str):
 
 
 def test_pd_trains_its_teacher_then_every_round_and_each_checkpoint_samples_with_its_own_steps(
-    compose_train, image_folder, tmp_path, capsys
+    compose_train, image_folder, tmp_path, capsys, caplog
 ):
     # with an EMA of the student: the frozen teacher and the round buffers in the checkpoint follow the model
     ema = ["+callbacks.ema._target_=diffusion_lightning.callbacks.EMA", "+callbacks.ema.decay=0.5"]
@@ -50,6 +50,7 @@ def test_pd_trains_its_teacher_then_every_round_and_each_checkpoint_samples_with
     out = train(cfg)
     assert "training it in" in capsys.readouterr().out
     (marker,) = (tmp_path / "outputs").glob("train/vdiff_fmnist/*/finished.json")
+    assert (marker.parent / "train.log").is_file()  # the teacher run's own log
     teacher_ckpt = json.loads(marker.read_text())["checkpoint"]
     assert out["trainer"].global_step == 6
 
@@ -85,9 +86,15 @@ def test_pd_trains_its_teacher_then_every_round_and_each_checkpoint_samples_with
     sample_from_config(sample_cfg)
     assert "(ddim, steps=4, 4 NFE)" in capsys.readouterr().out
 
-    # a rerun reuses the finished teacher
+    # its run gone, a rerun trains the teacher again; the next one reuses it, saying how long it trained; the first
+    # round is logged as the others
     train(_compose_pd(compose_train, image_folder, tmp_path))
-    assert "vdiff_fmnist" in capsys.readouterr().out
+    assert "teacher: no finished vdiff_fmnist run" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="diffusion_lightning"):
+        train(_compose_pd(compose_train, image_folder, tmp_path))
+    assert "a finished vdiff_fmnist run on this data, trained for 2 steps" in capsys.readouterr().out
+    assert "round 1/2: 8 teacher steps -> 4 student steps" in caplog.text
+    assert "round 2/2: 4 teacher steps -> 2 student steps" in caplog.text
 
 
 def test_resume_mid_round_and_at_a_round_boundary_continues_exactly(compose_train, image_folder, tmp_path):
