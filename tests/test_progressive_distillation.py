@@ -162,7 +162,11 @@ def test_pd_cifar_asks_for_its_teacher_and_never_trains_one(compose_train, tmp_p
     write_cifar(tmp_path / "data")
     cfg = compose_train(["experiment=pd_cifar", f"paths.data_dir={tmp_path / 'data'}",
                          f"paths.log_dir={tmp_path / 'outputs'}"])  # fmt: skip
-    assert cfg.model.start_steps == 8192 and cfg.model.end_steps == 4 and cfg.trainer.max_steps == 11 * 50000
+    assert cfg.model.start_steps == 8192 and cfg.model.end_steps == 1 and cfg.trainer.max_steps == 13 * 50000
     with pytest.raises(UserError, match=r"no finished vdiff_cifar run .* set model.teacher.path="):
         train(cfg)
     assert not (tmp_path / "outputs" / "train").exists()
+    # a checkpoint at every round's end, named by its student's steps (8 ... 1), beside last.ckpt
+    saving = cfg.callbacks.model_checkpoint
+    assert saving.every_n_train_steps == 50000 and saving.save_top_k == -1
+    assert "{student_steps:.0f}steps" in saving.filename
