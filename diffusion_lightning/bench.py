@@ -44,6 +44,7 @@ from . import cpu_precision
 from .callbacks import EMA
 from .callbacks.ema import ema_decay
 from .models import DDPM
+from .utils import synchronize
 
 #: model key -> experiment (composed from conf/ as train.py composes it)
 #: key -> "<experiment> [override ...]"
@@ -90,11 +91,6 @@ def _loader(key: str, batch: int, steps: int, device: torch.device) -> DataLoade
     return DataLoader(pool, batch_size=batch, sampler=order, pin_memory=device.type == "cuda")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
 
@@ -107,11 +103,11 @@ class _Timer(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step == self.warmup:
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync(pl_module.device)
+        synchronize(pl_module.device)
         self.end = time.perf_counter()
 
 
@@ -146,7 +142,7 @@ def plain_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int,
     start = 0.0
     for i, (x0, y) in enumerate(_loader(key, batch, steps + warmup, device)):
         if i == warmup:
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
         x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, opts.precision):
@@ -159,7 +155,7 @@ def plain_throughput(key: str, opts: argparse.Namespace, batch: int, steps: int,
             scheduler.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - ema_decay(decay, i, True))
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     if stats is not None and device.type == "cuda":
         stats["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -227,10 +223,10 @@ def sampling_throughput(key: str, opts: argparse.Namespace, sampler: str, steps:
     g = torch.Generator().manual_seed(0)
     spec = {"name": sampler, "steps": steps}
     model.sample(2, generator=g, sampler={"name": sampler, "steps": 2})  # warm-up
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     _, nfe = model.sample(num_samples, generator=g, sampler=spec, return_nfe=True)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {"model": key, "sampler": sampler, "steps": steps, "nfe": nfe, "batch": num_samples,
             "images_per_s": round(num_samples / seconds, 2)}

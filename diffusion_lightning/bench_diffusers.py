@@ -1,21 +1,7 @@
-"""The diffusers side of the training-throughput benchmark: the same U-Net layout as ``diffusion_lightning.nets.UNet``
-built as diffusers' ``UNet2DModel``, trained with the recipe of diffusers'
-``examples/unconditional_image_generation/train_unconditional.py``.
-
-diffusers is a dev dependency and is imported only inside the functions here.
-
-Parameter counts (``python -m diffusion_lightning.bench_diffusers`` prints them) are identical, not just close:
-
-* the default Fashion-MNIST model (image_size 32, 1 channel, ch 32, mult 1-2-2, 1 block, no attention but the
-  middle one): 1,062,497 ours and diffusers';
-* the DDPM CIFAR-10 layout (ch 128, mult 1-2-2-2, 2 blocks, attention at 16x16): 35,746,307 both, the 35.7M of Ho et al.
-  (and of diffusers' ``google/ddpm-cifar10-32``, whose layout this is).
-
-The layouts match block for block (a ResBlock is diffusers' ``ResnetBlock2D``, the attention block is one
-``Attention`` with GroupNorm, biased q/k/v/out projections, and 1x1 convs and linear layers have equal parameter
-counts). Numerical differences that do not change the count or the cost: the Downsample conv pads (1, 1) as ours does
-(``downsample_padding=1``; the converted DDPM checkpoint uses 0, i.e. TF's asymmetric "SAME" padding) and GroupNorm's
-eps is PyTorch's 1e-5 as ours (the converted checkpoint uses 1e-6).
+"""The diffusers side of the training-throughput benchmark: our U-Net's layout built as diffusers' ``UNet2DModel``
+(:func:`~diffusion_lightning.interop.diffusers.diffusers_unet`), trained with the recipe of diffusers'
+``examples/unconditional_image_generation/train_unconditional.py``. ``python -m diffusion_lightning.bench_diffusers``
+prints both parameter counts of the two reference layouts (identical).
 """
 
 from __future__ import annotations
@@ -23,22 +9,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from diffusers import UNet2DModel
-
-_INSTALL_HINT = "pip install diffusers (or make install, which installs the dev extras)"
-
-# Keys of diffusion_lightning.nets.UNet (plus Hydra's _target_) that diffusers_unet understands.
-_KNOWN_KEYS = {
-    "_target_", "image_size", "in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
-    "attention_resolutions", "dropout", "num_heads", "num_head_channels", "num_classes", "use_scale_shift_norm",
-    "resblock_updown", "num_groups",
-}
+from .interop.diffusers import diffusers_unet, import_diffusers
 
 # The two layouts whose parameter counts are checked (tests/test_bench_diffusers.py and ``__main__``).
 FMNIST_DEFAULT_NET: dict[str, Any] = dict(  # conf/experiment/ddpm_fmnist.yaml
@@ -49,94 +25,6 @@ DDPM_CIFAR10_NET: dict[str, Any] = dict(  # conf/model/ddpm.yaml: Ho et al. (202
     image_size=32, in_channels=3, model_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
     attention_resolutions=[16], dropout=0.1, num_groups=32,
 )
-
-
-def _import_diffusers() -> Any:
-    try:
-        import diffusers
-    except ImportError as e:
-        raise ImportError(f"the diffusers benchmark needs diffusers: {_INSTALL_HINT}") from e
-    return diffusers
-
-
-def _attention_head_dim(widths: set[int], num_heads: int, num_head_channels: int) -> int | None:
-    """diffusers' single ``attention_head_dim`` (heads = width // head_dim) giving our head count at every width."""
-    if num_head_channels > 0:
-        if bad := sorted(w for w in widths if w % num_head_channels):
-            raise ValueError(f"num_head_channels={num_head_channels} does not divide the attention widths {bad}")
-        return num_head_channels
-    if num_heads == 1:
-        return None  # diffusers then uses each block's width as the head dim: one head everywhere
-    if len(widths) != 1 or next(iter(widths)) % num_heads:
-        raise ValueError(
-            f"num_heads={num_heads} cannot be mapped to diffusers: its attention_head_dim fixes channels per head, so "
-            f"a constant head count needs one attention width, but attention (incl. the middle block) runs at widths "
-            f"{sorted(widths)}; use num_head_channels instead"
-        )
-    return next(iter(widths)) // num_heads
-
-
-def diffusers_unet(net: Mapping[str, Any]) -> UNet2DModel:
-    """diffusers' ``UNet2DModel`` with the layout of ``diffusion_lightning.nets.UNet(**net)``.
-
-    ``net`` holds UNet's keyword arguments (a Hydra ``model.net`` node works; ``_target_`` is ignored). Options that
-    diffusers cannot express raise ValueError naming them.
-    """
-    diffusers = _import_diffusers()
-    if unknown := sorted(set(net) - _KNOWN_KEYS):
-        raise ValueError(f"UNet option(s) {unknown} cannot be mapped to diffusers' UNet2DModel")
-    image_size = int(net.get("image_size", 32))
-    in_channels = int(net.get("in_channels", 3))
-    out_channels = int(net.get("out_channels") or in_channels)
-    ch = int(net.get("model_channels", 128))
-    channel_mult = [int(m) for m in net.get("channel_mult", (1, 2, 2, 2))]
-    attention_resolutions = {int(r) for r in net.get("attention_resolutions", (16,))}
-    scale_shift = bool(net.get("use_scale_shift_norm", False))
-    updown = bool(net.get("resblock_updown", False))
-    levels = len(channel_mult)
-    if levels == 0 or image_size % 2 ** (levels - 1):
-        raise ValueError(f"image_size={image_size} is not divisible by 2**(len(channel_mult)-1)={2 ** (levels - 1)}")
-    resolutions = [image_size // 2**i for i in range(levels)]
-    if bad := sorted(attention_resolutions - set(resolutions)):
-        raise ValueError(f"attention_resolutions {bad} do not occur in this U-Net (levels at {resolutions})")
-    attn = [r in attention_resolutions for r in resolutions]
-    widths = [ch * m for m in channel_mult]
-    head_dim = _attention_head_dim(
-        {w for w, a in zip(widths, attn, strict=True) if a} | {widths[-1]},
-        int(net.get("num_heads", 1)), int(net.get("num_head_channels", -1)),
-    )
-    num_groups = int(net.get("num_groups", 32))
-    # Plain blocks resample with a stride-2 conv / nearest+conv ("conv"); ADM's resblock_updown resamples inside a
-    # ResBlock with avg-pool / nearest ("resnet"; for plain levels diffusers names these Resnet*sampleBlock2D).
-    down_plain, up_plain = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if updown else ("DownBlock2D",
-                                                                                                 "UpBlock2D")
-    return diffusers.UNet2DModel(
-        sample_size=image_size,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        block_out_channels=tuple(widths),
-        layers_per_block=int(net.get("num_res_blocks", 2)),
-        down_block_types=tuple("AttnDownBlock2D" if a else down_plain for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else up_plain for a in reversed(attn)),
-        downsample_type="resnet" if updown else "conv",
-        upsample_type="resnet" if updown else "conv",
-        downsample_padding=1,  # our Downsample: Conv2d(3, stride=2, padding=1)
-        dropout=float(net.get("dropout", 0.1)),
-        act_fn="silu",
-        attention_head_dim=head_dim,
-        norm_num_groups=num_groups,
-        attn_norm_num_groups=num_groups,  # else the middle attention loses its GroupNorm with scale_shift
-        norm_eps=1e-5,
-        # Our timestep_embedding is [sin, cos] with frequencies exp(-log(1e4) * i / (half - 1)), as in DDPM and
-        # diffusers' conversion of it (google/ddpm-cifar10-32: flip_sin_to_cos=False, freq_shift=1).
-        time_embedding_type="positional",
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
-        add_attention=True,
-        # nn.Embedding added to the time embedding, as ours (whose last row is the guidance null class)
-        num_class_embeds=None if net.get("num_classes") is None else net["num_classes"] + 1,
-    )
 
 
 def diffusers_train_throughput(
@@ -153,11 +41,11 @@ def diffusers_train_throughput(
     timed ones. If ``stats`` is given it receives the last step's ``loss``, the timed ``seconds`` and ``params``.
     Raises FloatingPointError if the loss is not finite.
     """
-    diffusers = _import_diffusers()
+    diffusers = import_diffusers()
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from .bench import _sync
+    from .utils import synchronize
 
     if precision in ("32", "32-true"):
         dtype = torch.float32
@@ -210,11 +98,11 @@ def diffusers_train_throughput(
 
     for i in range(warmup):
         step(i)
-    _sync(dev)
+    synchronize(dev)
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         loss = step(i)
-    _sync(dev)
+    synchronize(dev)
     seconds = time.perf_counter() - start
     last = float(loss)
     if not math.isfinite(last):

@@ -15,8 +15,8 @@ from diffusion_lightning.bench_diffusers import (  # noqa: E402
     DDPM_CIFAR10_NET,
     FMNIST_DEFAULT_NET,
     diffusers_train_throughput,
-    diffusers_unet,
 )
+from diffusion_lightning.interop.diffusers import diffusers_unet  # noqa: E402
 from diffusion_lightning.nets import UNet  # noqa: E402
 
 TINY = dict(image_size=8, in_channels=1, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,

@@ -23,7 +23,8 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel  # 
 from diffusion_lightning.checkpoint import model_from_checkpoint  # noqa: E402
 from diffusion_lightning.diffusion.schedules import space_timesteps  # noqa: E402
 from diffusion_lightning.errors import UserError  # noqa: E402
-from diffusion_lightning.export import export_model, to_diffusers_unet  # noqa: E402
+from diffusion_lightning.export import export_model  # noqa: E402
+from diffusion_lightning.interop.diffusers import to_diffusers_unet  # noqa: E402
 from diffusion_lightning.models import DDPM, ContinuousDiffusion  # noqa: E402
 from diffusion_lightning.nets import UNet  # noqa: E402
 from diffusion_lightning.train import train  # noqa: E402

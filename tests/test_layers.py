@@ -209,9 +209,10 @@ def describe_cycle(cycle: list[str], graph: dict[str, dict[str, ImportStatement]
     return "; ".join(steps)
 
 
-def cycles_in_scope(package: Path = PACKAGE) -> list[str]:
+def cycles_in_scope(package: Path = PACKAGE, everywhere: bool = False) -> list[str]:
     """The import cycles through a module under models/, diffusion/ or nets/ or an entry point (a cycle may pass
-    through any other module of the package on the way), with :data:`LAZY_CYCLE_IMPORTS` left out."""
+    through any other module of the package on the way), or with ``everywhere`` through any module, with
+    :data:`LAZY_CYCLE_IMPORTS` left out."""
     graph = import_graph(package)
     for (importer, imported), why in LAZY_CYCLE_IMPORTS.items():
         statement = graph.get(importer, {}).get(imported)
@@ -222,6 +223,8 @@ def cycles_in_scope(package: Path = PACKAGE) -> list[str]:
     name = package.name
     scope = {m for m in graph if m.split(".")[1:2] in (["models"], ["diffusion"], ["nets"])}
     scope |= {f"{name}.{entry}" for entry in ("train", "sample", "evaluate", "report")} & graph.keys()
+    if everywhere:
+        scope = set(graph)
     found = []
     for cycle, component in import_cycles(graph, scope):
         more = len(component) > len(cycle) - 1
@@ -232,6 +235,12 @@ def cycles_in_scope(package: Path = PACKAGE) -> list[str]:
 def test_no_import_cycle_among_models_diffusion_nets_and_entry_points():
     """Function-level imports count: a lazy import that closes a cycle only defers the failure to a call."""
     cycles = cycles_in_scope()
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    """The benchmark, its diffusers side and the export included (they share :mod:`diffusion_lightning.interop`)."""
+    cycles = cycles_in_scope(everywhere=True)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 

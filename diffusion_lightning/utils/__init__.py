@@ -45,6 +45,12 @@ def run_or_exit(fn: Callable[[Any], R], cfg: Any) -> R:
         raise
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA; nothing elsewhere): before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when available, else CPU) or a torch device name."""
     if name == "auto":
