@@ -3,10 +3,10 @@
 import os
 
 # OpenMP threads (torch's CPU kernels; GNU libgomp) spin 300,000 iterations at each barrier before they sleep. When
-# another busy process shares the cores the spinning threads take its time slices and both collapse (two concurrent
-# `make bench` loops on 2 cores: 24-29 img/s each against 100 alone). 3,000 spins keep 46 img/s each under that
-# contention for 3-6% alone (docs/performance.md). Effective where this package is imported before torch (the entry
-# points); set GOMP_SPINCOUNT yourself to override.
+# another busy process shares the cores the spinning threads take its time slices and both collapse; 3,000 spins
+# keep most of the throughput under that contention for a few percent alone (docs/results.md, "two processes on the
+# 2 cores").
+# Effective where this package is imported before torch (the entry points); set GOMP_SPINCOUNT yourself to override.
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 from omegaconf import OmegaConf  # noqa: E402
@@ -28,8 +28,8 @@ OmegaConf.register_new_resolver("dl_run_id", run_id, replace=True)
 
 
 def cpu_precision() -> str:
-    """``bf16-mixed`` where the CPU computes in bfloat16 natively (AVX512-BF16 or AMX: about 2x the float32 training
-    throughput there), else ``32-true`` (emulated bfloat16 is slower than float32). ``${dl_cpu_precision:}`` in
+    """``bf16-mixed`` where the CPU computes in bfloat16 natively (AVX512-BF16 or AMX; docs/performance.md has the
+    measured gain), else ``32-true`` (emulated bfloat16 is slower than float32). ``${dl_cpu_precision:}`` in
     ``conf/trainer/cpu.yaml``."""
     import torch
 

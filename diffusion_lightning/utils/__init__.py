@@ -60,8 +60,8 @@ def resolve_device(name: str) -> torch.device:
 
 def sampling_autocast(device: torch.device, precision: str | int = "32") -> contextlib.AbstractContextManager:
     """The network evaluations of sampling in ``precision``: ``32`` (float32, the default) or ``bf16`` (bfloat16
-    autocast: convolutions and matmuls in bfloat16, the sampler's state and arithmetic stay float32; 2.3-2.7x the
-    float32 sampling throughput on a CPU with native bfloat16, as training's ``bf16-mixed``)."""
+    autocast: convolutions and matmuls in bfloat16, the sampler's state and arithmetic stay float32, as training's
+    ``bf16-mixed``; faster on a CPU with native bfloat16, measured in docs/performance.md)."""
     if str(precision) in ("32", "32-true"):
         return contextlib.nullcontext()
     if str(precision) in ("bf16", "bf16-mixed"):
