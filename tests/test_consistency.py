@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
+from oracles import GaussianDenoiser
 from torch import nn
 
-from diffusion_lightning.diffusion import ContinuousVPDenoiser, CosineSchedule, EDMPrecond, GaussianDenoiser, sample
+from diffusion_lightning.diffusion import ContinuousVPDenoiser, CosineSchedule, EDMPrecond, sample
 from diffusion_lightning.diffusion.consistency import (
     ConsistencyFunction,
     consistency_loss,

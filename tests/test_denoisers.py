@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from oracles import GaussianDenoiser, gaussian_eps_network
 
 from diffusion_lightning.diffusion import (
     Clipped,
@@ -21,10 +22,8 @@ from diffusion_lightning.diffusion import (
     Counted,
     DiscreteVPDenoiser,
     EDMPrecond,
-    GaussianDenoiser,
     GaussianDiffusion,
     cosine_beta_schedule,
-    gaussian_eps_network,
     karras_sigmas,
     linear_beta_schedule,
     sample,

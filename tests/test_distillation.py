@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from oracles import GaussianDenoiser, gaussian_eps_network
 from torch import nn
 
 from diffusion_lightning.diffusion import (
@@ -16,7 +17,6 @@ from diffusion_lightning.diffusion import (
     sample,
     uniform_t_sigmas,
 )
-from diffusion_lightning.diffusion.denoisers import GaussianDenoiser, gaussian_eps_network
 from diffusion_lightning.diffusion.distillation import (
     ddim_step,
     distillation_loss,

@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import QUIET, TINY_NET, folder_data
 from omegaconf import open_dict
+from oracles import gaussian_eps_network
 
 from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
 from diffusion_lightning.diffusion import (
     DiscreteVPDenoiser,
     GaussianDiffusion,
     cosine_beta_schedule,
-    gaussian_eps_network,
     linear_beta_schedule,
     sample,
 )

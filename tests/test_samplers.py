@@ -11,13 +11,13 @@ import math
 
 import pytest
 import torch
+from oracles import gaussian_eps_network
 
 from diffusion_lightning.diffusion import (
     DiscreteVPDenoiser,
     GaussianDiffusion,
     cosine_beta_schedule,
     dynamic_threshold,
-    gaussian_eps_network,
     linear_beta_schedule,
     sample,
     space_timesteps,

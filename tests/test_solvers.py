@@ -10,12 +10,12 @@ import math
 
 import pytest
 import torch
+from oracles import gaussian_eps_network
 
 from diffusion_lightning.diffusion import (
     SAMPLERS,
     DiscreteVPDenoiser,
     GaussianDiffusion,
-    gaussian_eps_network,
     linear_beta_schedule,
     sample,
     space_timesteps,

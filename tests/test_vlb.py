@@ -10,9 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from oracles import gaussian_eps_network
 from scipy import integrate, stats
 
-from diffusion_lightning.diffusion import DiscreteVPDenoiser, GaussianDiffusion, ModelPrediction, gaussian_eps_network
+from diffusion_lightning.diffusion import DiscreteVPDenoiser, GaussianDiffusion, ModelPrediction
 from diffusion_lightning.diffusion.importance import LossSecondMomentResampler, UniformSampler
 from diffusion_lightning.diffusion.schedules import linear_beta_schedule
 from diffusion_lightning.diffusion.vlb import (

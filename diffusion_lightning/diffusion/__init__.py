@@ -8,10 +8,8 @@ from .denoisers import (
     Denoiser,
     DiscreteVPDenoiser,
     EDMPrecond,
-    GaussianDenoiser,
     Guided,
     dynamic_threshold,
-    gaussian_eps_network,
 )
 from .gaussian import GaussianDiffusion, ModelPrediction
 from .grids import karras_sigmas, sampling_sigmas, timestep_sigmas, uniform_t_sigmas
@@ -46,7 +44,6 @@ __all__ = [
     "Denoiser",
     "DiscreteVPDenoiser",
     "EDMPrecond",
-    "GaussianDenoiser",
     "GaussianDiffusion",
     "Guided",
     "LossSecondMomentResampler",
@@ -63,7 +60,6 @@ __all__ = [
     "documented_nfe",
     "dpmpp_2m_sample",
     "dynamic_threshold",
-    "gaussian_eps_network",
     "get_beta_schedule",
     "heun_sample",
     "hybrid_loss",
