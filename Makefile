@@ -14,7 +14,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # A fresh install is ~6.1 GiB (torch pulls its CUDA libraries even on CPU): refuse early rather than fail mid-way.
 MIN_FREE_KB ?= 6815744
 
-.PHONY: install train sample test faults slurm-cluster bench lint fmnist-data clean inception-weights feature-net evaluate report
+.PHONY: install train sample test test-fast faults slurm-cluster bench lint fmnist-data clean inception-weights feature-net evaluate report
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,10 @@ sample: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# The unit layer only (the package's math, networks, data, metrics, configs): the quick loop while editing.
+test-fast: install
+	$(PY) -m pytest -q tests/unit $(ARGS)
 
 # The fault scenarios (killed processes, preemption on the local SLURM cluster, NaN, bad checkpoints and config, disk):
 # their tests, then a table of scenario, expected, observed and result.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .interop.diffusers import diffusers_unet, import_diffusers
 
-# The two layouts whose parameter counts are checked (tests/test_bench_diffusers.py and ``__main__``).
+# The two layouts whose parameter counts are checked (tests/system/test_bench_diffusers.py and ``__main__``).
 FMNIST_DEFAULT_NET: dict[str, Any] = dict(  # conf/experiment/ddpm_fmnist.yaml
     image_size=28, in_channels=1, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
     attention_resolutions=[], dropout=0.0, num_groups=8,

@@ -12,14 +12,14 @@ EMA (``ema=false``: raw) weights mapped tensor for tensor onto diffusers' names 
     ddim = DDIMPipeline(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading"))
     images = ddim(num_inference_steps=50, use_clipped_model_output=True).images  # as our sampler=ddim steps=ddim50
 
-Which samplers agree with ours (tests/test_export.py): ``DDPMScheduler`` (``timestep_spacing="linspace"``, as exported)
-with N steps runs our ``sampler=ddpm sampler.steps=N``: the timesteps of our respacing and, for an unconditional model,
-the same images from the same CPU generator (both draw the start noise, then one noise per step). diffusers'
-``DDIMScheduler`` always steps from t to t - T // N, so it agrees with our DDIM with ``timestep_spacing="leading"``
-and ``steps="ddimN"`` where N divides T (then both visit 0, T/N, 2T/N, ...; with "linspace" only for N = T); use
-``use_clipped_model_output=True``: our DDIM recomputes eps from the clipped x0. A class-conditional model's
-``UNet2DModel`` takes ``class_labels`` (label ``num_classes`` is the guidance null class), but diffusers' DDPM/DDIM
-pipelines pass none: run the scheduler loop yourself.
+Which samplers agree with ours (tests/integration/test_export.py): ``DDPMScheduler`` (``timestep_spacing="linspace"``,
+as exported) with N steps runs our ``sampler=ddpm sampler.steps=N``: the timesteps of our respacing and, for an
+unconditional model, the same images from the same CPU generator (both draw the start noise, then one noise per step).
+diffusers' ``DDIMScheduler`` always steps from t to t - T // N, so it agrees with our DDIM with
+``timestep_spacing="leading"`` and ``steps="ddimN"`` where N divides T (then both visit 0, T/N, 2T/N, ...; with
+"linspace" only for N = T); use ``use_clipped_model_output=True``: our DDIM recomputes eps from the clipped x0. A
+class-conditional model's ``UNet2DModel`` takes ``class_labels`` (label ``num_classes`` is the guidance null class), but
+diffusers' DDPM/DDIM pipelines pass none: run the scheduler loop yourself.
 
 Refused with the option to change: a learned-variance model (``model.variance_type=learned_range``, 2C outputs),
 models other than a pixel :class:`~diffusion_lightning.models.DDPM` / ``ImprovedDDPM`` (latent diffusion,

@@ -1,5 +1,5 @@
 """On a CUDA GPU: train a model under ``torch.cuda.set_sync_debug_mode("warn")`` and count the synchronising CUDA
-operations inside non-logging training steps (the framework promises none; ``tests/test_speed.py`` checks the same on
+operations inside non-logging training steps (the framework promises none; ``tests/system/test_speed.py`` checks the same on
 the CPU by watching host reads). Usage: ``python scripts/gpu_sync_check.py [default|cifar] [--out FILE]``."""
 
 from __future__ import annotations

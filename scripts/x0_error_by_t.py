@@ -11,7 +11,7 @@ checkpoint is probed at its own t nearest to each alpha_bar, which compares sche
 The variance columns are for the sampling chain of --chain steps (respaced as the samplers do; default: all T,
 and each t snaps to the chain's nearest step): opt_frac is the interpolation frac of iDDPM eq. 15 (0: beta~,
 1: beta of that chain) whose variance beta~ + coef1^2 mean((x0_hat - x_0)^2) minimises the step's KL term
-given this network's mean (tests/test_vlb.py), and frac the one a learned-variance network outputs, (v + 1) / 2.
+given this network's mean (tests/unit/test_vlb.py), and frac the one a learned-variance network outputs, (v + 1) / 2.
 The data set is the one the checkpoint was trained on (its run config).
 """
 

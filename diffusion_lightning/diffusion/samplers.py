@@ -132,7 +132,7 @@ def dpmpp_2m_sample(
     nonzero sigma is first order too, for every number of steps (the reference and diffusers lower it only below 10 /
     15 steps): evenly spaced timesteps end with a long jump in lambda (20 of 1000 linear-schedule steps: r ~ 0.2, an
     extrapolation weight 1 / (2r) ~ 2.2); on exact Gaussian data N(0.5, 1) a second-order final step leaves the output
-    std at 1.115 (DDIM: 0.908), a first-order one at 1.0005 (tests/test_solvers.py)."""
+    std at 1.115 (DDIM: 0.908), a first-order one at 1.0005 (tests/unit/test_samplers_higher_order.py)."""
     n = len(sigmas) - 1
     x0_prev: Tensor | None = None
     h_prev = 0.0

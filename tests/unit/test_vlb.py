@@ -152,7 +152,7 @@ def exact_variance_denoiser(d: GaussianDiffusion, mu: float, s: float) -> Discre
 def test_expected_kl_term_for_gaussian_data(t):
     """Continuous x0 ~ N(mu, s^2), exact denoiser: E[L_t] = (r - 1) / 2 nats for sigma^2 = beta~_t and
     log(r) / 2 for the exact reverse variance, where r = Var[x_{t-1} | x_t] / beta~_t."""
-    mu, s, n = 0.2, 0.5, 200_000
+    mu, s, n = 0.2, 0.5, 100_000
     d = linear_process()
     g = torch.Generator().manual_seed(t)
     x0 = mu + s * torch.randn(n, 1, generator=g, dtype=torch.float64)
@@ -162,7 +162,7 @@ def test_expected_kl_term_for_gaussian_data(t):
     r = (var[t] / beta_tilde[t]).item()
     fixed = vlb_terms(d, predict(exact_denoiser(d, mu, s), d, x_t, tt), x0, x_t, tt, "fixed_small")
     exact = vlb_terms(d, predict(exact_variance_denoiser(d, mu, s), d, x_t, tt), x0, x_t, tt, "learned_range")
-    # Per sample L_t = a chi^2_1 / 2 (+ const): relative standard error sqrt(2 / n) ~ 0.3%.
+    # Per sample L_t = a chi^2_1 / 2 (+ const): relative standard error sqrt(2 / n) ~ 0.45% (the bound: 3.3 SE).
     assert fixed.mean().item() == pytest.approx(0.5 * (r - 1) / LOG2, rel=0.015)
     assert exact.mean().item() == pytest.approx(0.5 * math.log(r) / LOG2, rel=0.015)
 

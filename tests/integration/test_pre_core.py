@@ -26,7 +26,7 @@ from diffusion_lightning.diffusion import (
 )
 from diffusion_lightning.train import train
 
-FIXTURE = Path(__file__).parent / "fixtures" / "pre_core"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "pre_core"
 # (label, sampler settings) as make_fixture.py drew them; Heun ran on the Karras grid (now its conf/sampler default)
 SAMPLERS = [
     ("ddim10_eta0", {"name": "ddim", "steps": 10, "eta": 0.0}),

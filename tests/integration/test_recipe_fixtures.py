@@ -20,7 +20,7 @@ from conftest import folder_data
 from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoint
 from diffusion_lightning.train import train
 
-FIXTURES = Path(__file__).parent / "fixtures" / "recipes"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "recipes"
 RECIPES = ["ddpm", "iddpm", "vdiff", "pd", "cd", "ect", "ct", "ict", "ae", "ldm"]
 
 # What a resume adds after the overrides the fixture was trained with (samples.pt): the checkpoint a recipe builds on,

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "diffusion_lightning"
+PACKAGE = Path(__file__).resolve().parents[2] / "diffusion_lightning"
 ENTRY_POINTS = ["train", "sample", "evaluate", "report", "bench"]
 
 
