@@ -16,15 +16,28 @@ import torch.nn.functional as F
 
 from .interop.diffusers import diffusers_unet, import_diffusers
 
-# The two layouts whose parameter counts are checked (tests/system/test_bench_diffusers.py and ``__main__``).
-FMNIST_DEFAULT_NET: dict[str, Any] = dict(  # conf/experiment/ddpm_fmnist.yaml
-    image_size=28, in_channels=1, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
-    attention_resolutions=[], dropout=0.0, num_groups=8,
-)
-DDPM_CIFAR10_NET: dict[str, Any] = dict(  # conf/model/ddpm.yaml: Ho et al. (2020), 35.7M parameters
-    image_size=32, in_channels=3, model_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
-    attention_resolutions=[16], dropout=0.1, num_groups=32,
-)
+#: The two layouts whose parameter counts are checked (tests/system/test_bench_diffusers.py and ``__main__``): the
+#: default's small U-Net and the DDPM paper's 35.7M CIFAR-10 U-Net.
+REFERENCE_EXPERIMENTS = ("ddpm_fmnist", "ddpm_cifar")
+
+
+def reference_net(experiment: str) -> dict[str, Any]:
+    """The U-Net keyword arguments of ``experiment`` (its ``model.net``, composed from conf/ as training does)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from .prior_stages import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=[f"experiment={experiment}"])
+    finally:
+        GlobalHydra.instance().clear()
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    net.pop("_target_", None)
+    return net
 
 
 def diffusers_train_throughput(
@@ -116,7 +129,8 @@ def _param_counts() -> None:
     """Print ours vs diffusers' parameter count for the two reference layouts."""
     from diffusion_lightning.nets import UNet
 
-    for name, net in (("fmnist default", FMNIST_DEFAULT_NET), ("ddpm cifar10", DDPM_CIFAR10_NET)):
+    for name in REFERENCE_EXPERIMENTS:
+        net = reference_net(name)
         ours = sum(p.numel() for p in UNet(**net).parameters())
         theirs = sum(p.numel() for p in diffusers_unet(net).parameters())
         print(f"{name:15s} ours {ours:>11,d}  diffusers {theirs:>11,d}  diff {theirs - ours:+,d}")

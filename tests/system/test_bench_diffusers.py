@@ -12,9 +12,8 @@ from torch import nn
 pytest.importorskip("diffusers")
 
 from diffusion_lightning.bench_diffusers import (  # noqa: E402
-    DDPM_CIFAR10_NET,
-    FMNIST_DEFAULT_NET,
     diffusers_train_throughput,
+    reference_net,
 )
 from diffusion_lightning.interop.diffusers import diffusers_unet  # noqa: E402
 from diffusion_lightning.nets import UNet  # noqa: E402
@@ -35,10 +34,11 @@ def ours(net: dict[str, Any]) -> int:
         return count(UNet(**net))
 
 
-@pytest.mark.parametrize(("net", "expected"), [(FMNIST_DEFAULT_NET, 1_062_497), (DDPM_CIFAR10_NET, 35_746_307)],
+@pytest.mark.parametrize(("experiment", "expected"), [("ddpm_fmnist", 1_062_497), ("ddpm_cifar", 35_746_307)],
                          ids=["fmnist-default", "ddpm-cifar10"])
-def test_parameter_counts_match_exactly(net: dict[str, Any], expected: int) -> None:
-    # The layouts agree block for block, so the counts are equal (not merely within 0.5%).
+def test_parameter_counts_match_exactly(experiment: str, expected: int) -> None:
+    # The layouts (from conf/) agree block for block, so the counts are equal (not merely within 0.5%).
+    net = reference_net(experiment)
     assert ours(net) == expected
     assert count(diffusers_unet(net)) == expected
 
