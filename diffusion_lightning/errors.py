@@ -112,10 +112,16 @@ def prepare_overrides(overrides: list[str], config_name: str) -> list[str]:
     if config is None:
         return overrides
     keys = _keys(config)
+    own_sampler = "sampler" not in keys and not any(o.startswith("sampler=") for o in overrides)
     out = []
     for override in overrides:
         key, _, value = override.partition("=")
-        if not _ or key.startswith(("+", "~", "hydra")) or _is_sweep(value):
+        if not _ or key.startswith(("+", "~", "hydra")):
+            out.append(override)
+            continue
+        if key.startswith("sampler.") and own_sampler:
+            override = f"+{override}"  # a sweep too: evaluate -m sampler.steps=10,20
+        if _is_sweep(value):
             out.append(override)
             continue
         default = None if key.rsplit(".", 1)[-1] in WORDS_ALLOWED else keys.get(key)
@@ -127,9 +133,6 @@ def prepare_overrides(overrides: list[str], config_name: str) -> list[str]:
                 float(value) if isinstance(default, float) else int(float(value))
             except ValueError:
                 raise UserError(f"{override}: {key} is {kind} (its default is {default})") from None
-        own_sampler = "sampler" not in keys and not any(o.startswith("sampler=") for o in overrides)
-        if key.startswith("sampler.") and own_sampler:
-            override = f"+{override}"
         out.append(override)
     return out
 

@@ -157,6 +157,7 @@ def test_the_command_line_is_checked_before_hydra_composes():
     assert prepare_overrides(fine, "train") == fine
     # the checkpoint's own sampler, changed by a key: sample and evaluate have no sampler unless one is chosen
     assert prepare_overrides(["ckpt=a", "sampler.steps=8"], "sample") == ["ckpt=a", "+sampler.steps=8"]
+    assert prepare_overrides(["ckpt=a", "sampler.steps=4,8"], "evaluate") == ["ckpt=a", "+sampler.steps=4,8"]
     assert prepare_overrides(["ckpt=a", "sampler=heun", "sampler.steps=8"], "evaluate")[-1] == "sampler.steps=8"
     assert prepare_overrides(["sampler.steps=8"], "train") == ["sampler.steps=8"]
 
