@@ -43,4 +43,4 @@ for s in 256 4; do
       "out=$out/teacher_${sampler}_${s}steps.png"
   done
 done
-$py scripts/pd_fmnist_table.py "$out/results.jsonl" "$pd" | tee "$out/table.md"
+$py experiments/distillation/pd_fmnist_table.py "$out/results.jsonl" "$pd" | tee "$out/table.md"

@@ -1,7 +1,7 @@
 """Training throughput of latent diffusion (ldm_fmnist) next to pixel-space DDPM with the same U-Net width
 (ddpm_fmnist, made class-conditional as ldm_fmnist is), in one run: repeats alternated, medians reported.
 
-    .venv/bin/python scripts/ldm_vs_pixel.py [--first-stage AE_CKPT] [--repeats 5] [--steps 40] [--out FILE]
+    .venv/bin/python experiments/latent/ldm_vs_pixel.py [--first-stage AE_CKPT] [--repeats 5] [--steps 40] [--out FILE]
 
 Both go through ``Trainer.fit`` with the EMA callback, gradient clipping and the run's precision, on random images
 (throughput does not depend on the data or on the weights: without --first-stage a randomly initialised ae_fmnist
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from diffusion_lightning import cpu_precision
 from diffusion_lightning.callbacks import EMA
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def config(experiment: str, overrides: list[str]) -> Any:

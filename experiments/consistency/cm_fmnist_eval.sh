@@ -39,4 +39,4 @@ for sampler in ddim dpmpp; do
   $py -m diffusion_lightning.sample "ckpt=$teacher" sampler=$sampler sampler.steps=2 num_samples=64 \
     "out=$out/teacher_${sampler}_2step.png" > /dev/null
 done
-$py scripts/cm_fmnist_table.py "$out/results.jsonl" | tee "$out/table.md"
+$py experiments/consistency/cm_fmnist_table.py "$out/results.jsonl" | tee "$out/table.md"

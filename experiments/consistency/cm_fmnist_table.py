@@ -1,5 +1,5 @@
-"""The table of scripts/cm_fmnist_eval.sh: FID (mean +- sd over seeds) per model, sampler and step count, with each
-run's training steps and wall time (from its config's write time to its last checkpoint's)."""
+"""The table of experiments/consistency/cm_fmnist_eval.sh: FID (mean +- sd over seeds) per model, sampler and step
+count, with each run's training steps and wall time (from its config's write time to its last checkpoint's)."""
 
 from __future__ import annotations
 

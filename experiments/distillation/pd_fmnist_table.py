@@ -1,5 +1,6 @@
-"""The table of scripts/pd_fmnist_eval.sh: FID (mean +- sd over seeds), sampling ms per image and, for the students,
-the training wall time of their round (from the run's start and its round-end checkpoints' write times)."""
+"""The table of experiments/distillation/pd_fmnist_eval.sh: FID (mean +- sd over seeds), sampling ms per image and,
+for the students, the training wall time of their round (from the run's start and its round-end checkpoints' write
+times)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 #   2. FID (fmnist-classifier features, 2,000 samples) and the classifier's accuracy on the samples, 3 seeds: both
 #      models unguided (w = 1), and the latent model against the guidance scale w (GUIDANCE);
 #   3. grids with one row per class at w = 1 and w = 3.
-# Usage: scripts/ldm_fmnist_eval.sh [MAX_TIME]   (default 00:00:05:00; Lightning's DD:HH:MM:SS)
+# Usage: experiments/latent/ldm_fmnist_eval.sh [MAX_TIME]   (default 00:00:05:00; Lightning's DD:HH:MM:SS)
 # Environment: GUIDANCE="0,1,2,3,5"  SEEDS="0,1,2"  NUM_SAMPLES=2000  PYTHON=.venv/bin/python  OUT=outputs/ldm_eval
 #   LDM=CKPT PIXEL=CKPT: evaluate these checkpoints, no training; STEPS=50: ancestral sampling steps of the FID rows
 set -euo pipefail
