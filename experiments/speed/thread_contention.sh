@@ -2,7 +2,7 @@
 # How training throughput holds up when another torch process shares the cores (issue 20), under libgomp's own
 # spin-wait (GOMP_SPINCOUNT=300000), the package's default (3000, set in diffusion_lightning/__init__.py) and
 # OMP_WAIT_POLICY=PASSIVE. Each cell: the plain loop of `make bench` on the default model (batch 64, float32), alone
-# and as two concurrent copies. Usage: bash scripts/thread_contention.sh [STEPS] [ROUNDS]
+# and as two concurrent copies. Usage: bash experiments/speed/thread_contention.sh [STEPS] [ROUNDS]
 steps=${1:-15}; rounds=${2:-2}
 py=${PY:-.venv/bin/python}
 one() {  # images/s of one plain-loop measurement

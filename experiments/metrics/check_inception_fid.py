@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """FID between Fashion-MNIST train and test through this package's Inception path and through torch-fidelity.
 
-    python scripts/check_inception_fid.py [--num-images 1000] [--weights PATH] [--batch-size 50] [--json OUT]
+    python experiments/metrics/check_inception_fid.py [--num-images 1000] [--weights PATH] [--batch-size 50]
+        [--json OUT]
 
 Both sides score the same uint8 images: the first ``--num-images`` of each split, padded to 32x32 and quantised with
 ``diffusion_lightning.metrics.to_uint8`` (grayscale repeated to 3 channels, as the ``inception`` extractor does).

@@ -1,5 +1,6 @@
 """Training images/s of the default model at 28x28 (native) against 32x32 (padded), alternated in one process with
-``make bench``'s Lightning measurement (issue 19): ``python scripts/default_size_speed.py [--repeats 3 --steps 40]``."""
+``make bench``'s Lightning measurement (issue 19):
+``python experiments/speed/default_size_speed.py [--repeats 3 --steps 40]``."""
 
 from __future__ import annotations
 

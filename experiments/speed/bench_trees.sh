@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compare `make bench` of two source trees in one run: bash scripts/bench_trees.sh OLD_TREE NEW_TREE [ROUNDS] [OUT]
+# Compare `make bench` of two source trees in one run: bash experiments/speed/bench_trees.sh OLD_TREE NEW_TREE [ROUNDS] [OUT]
 # Alternates `python -m diffusion_lightning.bench --repeats 1` in OLD_TREE and NEW_TREE (each imports its own
 # package: it runs from the tree's root), ROUNDS times (default 3), then prints the median of each figure and the
 # new/old ratios. Run it alone: a second busy torch process slows both by 2-10x. Writes OUT/{old,new}_<i>.json.
