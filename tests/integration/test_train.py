@@ -142,8 +142,8 @@ def test_resume_mid_epoch_continues_exactly(compose_train, image_folder, tmp_pat
 @pytest.mark.parametrize("recipe", [[], ["model=iddpm", "model.net.out_channels=2"]], ids=["ddpm", "iddpm"])
 def test_training_in_chunks_continues_exactly(compose_train, image_folder, tmp_path, recipe, first_chunk):
     """A run that *ended* at max_steps=3 (mid-epoch) or 4 (the end of epoch 0), continued from its last.ckpt with
-    max_steps=8, ends where a straight 8-step run ends. This is how scripts/fmnist_ddpm_vs_iddpm.sh trains in
-    chunks (UNTIL=...) that fit time-limited jobs; a periodic checkpoint of the same run is tested above."""
+    max_steps=8, ends where a straight 8-step run ends. This is how experiments/improved_ddpm/fmnist_ddpm_vs_iddpm.sh
+    trains in chunks (UNTIL=...) that fit time-limited jobs; a periodic checkpoint of the same run is tested above."""
     base = _fit_overrides(image_folder, max_epochs=-1, val_check_interval=2, log_every_n_steps=1) + recipe + [
         "data.random_flip=true"
     ]

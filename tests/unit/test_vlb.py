@@ -210,7 +210,8 @@ def test_vlb_term_trains_the_variance_towards_the_kl_optimum(t, x0_error):
     """For t > 0, L_t as a function of the learned v is minimised where the reverse variance equals
     beta~_t + coef1_t^2 mean((x0_hat - x_0)^2): the posterior variance plus the mean's squared error
     (per-dim Gaussian KL, DDPM eq. 7). So L_vlb drives frac = (v + 1) / 2 to
-    (log(that) - log beta~) / (log beta - log beta~), which scripts/x0_error_by_t.py reports as opt_frac."""
+    (log(that) - log beta~) / (log beta - log beta~), which experiments/improved_ddpm/x0_error_by_t.py reports as
+    opt_frac."""
     d = linear_process()
     g = torch.Generator().manual_seed(t)
     x0 = torch.rand(4, 1, 16, 16, generator=g, dtype=torch.float64) * 2 - 1

@@ -3,7 +3,7 @@ L_hybrid, the norms of its two parts (L_simple, and lambda L_vlb with the stop-g
 
 Answers two questions about a run: does ``trainer.gradient_clip_val`` ever bind after warm-up, and how large is
 the L_vlb gradient next to L_simple's. Usage (CPU, ~1 s a step at batch 64 on 2 cores):
-    python scripts/grad_norms.py experiment=iddpm_fmnist --steps 400 --split-every 10
+    python experiments/improved_ddpm/grad_norms.py experiment=iddpm_fmnist --steps 400 --split-every 10
 Prints one summary line (median norms after --skip steps, the share of steps above the clip); --out writes every
 step as JSON.
 """
@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 import diffusion_lightning  # noqa: F401  (registers the config resolvers)
 from diffusion_lightning.models.base import weighted_mean
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def main() -> None:

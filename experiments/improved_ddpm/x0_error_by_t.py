@@ -1,8 +1,8 @@
 """How well checkpoints predict x_0 and eps at chosen timesteps, on real test images.
 
-Usage: python scripts/x0_error_by_t.py CKPT [CKPT ...] [--t 0 100 500 900 980 995 999] [--images 256]
-       python scripts/x0_error_by_t.py CKPT [CKPT ...] --alpha-bar 0.5 0.1 0.02 0.005
-       python scripts/x0_error_by_t.py CKPT [CKPT ...] --chain 50 --t 20 41 61 102 245 510 754
+Usage: python experiments/improved_ddpm/x0_error_by_t.py CKPT [CKPT ...] [--t 0 100 500 900 980 995 999] [--images 256]
+       python experiments/improved_ddpm/x0_error_by_t.py CKPT [CKPT ...] --alpha-bar 0.5 0.1 0.02 0.005
+       python experiments/improved_ddpm/x0_error_by_t.py CKPT [CKPT ...] --chain 50 --t 20 41 61 102 245 510 754
 Prints, per checkpoint and t: alpha_bar_t, the eps MSE, the RMSE of the predicted x_0 (before any clipping; an
 eps error is multiplied by sqrt((1 - alpha_bar) / alpha_bar) there), its mean signed error (the bias: positive
 means too bright), the RMSE after clipping to [-1, 1], and its largest magnitude. With --alpha-bar, each

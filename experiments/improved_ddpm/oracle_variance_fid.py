@@ -1,13 +1,13 @@
 """FID of a learned-variance checkpoint sampled with the KL-optimal variance of each step of the chain.
 
-Usage: python scripts/oracle_variance_fid.py ckpt=PATH sampler=ddpm sampler.steps=50 [--oracle-images=256]
-[any evaluate override]
+Usage: python experiments/improved_ddpm/oracle_variance_fid.py ckpt=PATH sampler=ddpm sampler.steps=50
+[--oracle-images=256] [any evaluate override]
 
 An ablation, not a sampler: it asks how much of a respaced chain's sample quality is lost to the variance
 alone. Before sampling, each step i > 0 of the respaced chain (``steps``) gets the frac of iDDPM eq. 15 (0: that
 chain's beta~, 1: its beta) whose variance beta~ + coef1^2 E[(clip(x0_hat) - x_0)^2] minimises the step's KL
 term given the network's own mean, measured on --oracle-images test images (the estimate of
-scripts/x0_error_by_t.py, here with the clipped x_0 the sampler uses). The network's mean is kept; its
+experiments/improved_ddpm/x0_error_by_t.py, here with the clipped x_0 the sampler uses). The network's mean is kept; its
 variance output v is replaced by 2 frac - 1. The rest is ``diffusion_lightning.evaluate`` (same overrides, same
 JSON line, with ``oracle_frac`` added to it).
 """
@@ -29,7 +29,7 @@ from diffusion_lightning.checkpoint import load_checkpoint, model_from_checkpoin
 from diffusion_lightning.diffusion import space_timesteps
 from diffusion_lightning.diffusion.vlb import predict
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 @torch.no_grad()

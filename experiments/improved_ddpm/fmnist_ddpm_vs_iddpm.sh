@@ -7,8 +7,8 @@
 #      beta, and the *same* iDDPM network with beta~ and beta instead of its learned variance
 #      (iDDPM Sec. 4 / Fig. 8); 64-sample grids of the main rows; the real-test-image baseline.
 #
-# Usage: scripts/fmnist_ddpm_vs_iddpm.sh STEPS NLL_IMAGES FID_SAMPLES [TRAINER]
-#   e.g. scripts/fmnist_ddpm_vs_iddpm.sh 20000 10000 10000 gpu   (TRAINER: gpu | cpu)
+# Usage: experiments/improved_ddpm/fmnist_ddpm_vs_iddpm.sh STEPS NLL_IMAGES FID_SAMPLES [TRAINER]
+#   e.g. experiments/improved_ddpm/fmnist_ddpm_vs_iddpm.sh 20000 10000 10000 gpu   (TRAINER: gpu | cpu)
 # Environment (all optional):
 #   UNTIL=N          train only up to step N in this call, then stop; call again with a larger UNTIL
 #                    (the last call with UNTIL=STEPS, or none, also evaluates). Each call continues
