@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import cpu_precision
 from .callbacks import EMA
 from .callbacks.ema import ema_decay
+from .errors import CONF_DIR
 from .models import DDPM
 from .utils import synchronize
 
@@ -55,7 +56,7 @@ H100_BF16_TFLOPS = 989.4
 
 @functools.cache
 def model_config(key: str) -> DictConfig:
-    with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         experiment, *overrides = MODELS[key].split()
         return compose("train", overrides=[f"experiment={experiment}", *overrides])
 

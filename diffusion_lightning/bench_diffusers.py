@@ -27,7 +27,7 @@ def reference_net(experiment: str) -> dict[str, Any]:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from .prior_stages import CONF_DIR
+    from .errors import CONF_DIR
 
     GlobalHydra.instance().clear()
     try:

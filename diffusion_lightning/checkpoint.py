@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, dotted_keys
 from .models.upgrade import upgrade_checkpoint, upgrade_run_config  # noqa: F401 - upgrade_run_config re-exported
 
 
@@ -118,13 +118,6 @@ RESUME_MAY_CHANGE = (
 )  # fmt: skip
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    flat = {k: v for key, value in d.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return flat or {prefix[:-1]: {}}
-
-
 def _global_batch(config: dict[str, Any]) -> Any:
     data, trainer = config.get("data") or {}, config.get("trainer") or {}
     parts = (data.get("batch_size"), trainer.get("devices", 1), trainer.get("num_nodes", 1))
@@ -136,7 +129,7 @@ def resume_changes(checkpoint: dict[str, Any], cfg: Any) -> dict[str, tuple[Any,
     except :data:`RESUME_MAY_CHANGE` (keys only one side has, from another version of the framework, are skipped)."""
     then = checkpoint.get("run_config") or {}
     now = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    old, new = _flatten(then), _flatten(now)
+    old, new = ({k: v for k, v in dotted_keys(c).items() if not isinstance(v, dict) or not v} for c in (then, now))
     changes = {k: (old[k], new[k]) for k in old.keys() & new.keys()
                if old[k] != new[k] and not any(k == s or k.startswith(s + ".") for s in RESUME_MAY_CHANGE)}
     if then and _global_batch(then) != _global_batch(now):

@@ -17,14 +17,15 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, foreign or from another model."""
 
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+#: The Hydra config folder of the package (conf/ beside it).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _group_overrides(overrides: list[str]) -> list[str]:
     """The overrides that choose config groups (``experiment=...``, ``model=...``, ``net@model.net=...``): they decide
     which keys exist."""
     return [o for o in overrides if "=" in o and not o.startswith(("~", "hydra"))
-            and (CONF / o.split("=", 1)[0].lstrip("+").split("@")[0]).is_dir()]  # fmt: skip
+            and (CONF_DIR / o.split("=", 1)[0].lstrip("+").split("@")[0]).is_dir()]  # fmt: skip
 
 
 def _compose(overrides: list[str], config_name: str) -> dict[str, Any] | None:
@@ -41,7 +42,7 @@ def _compose_groups(groups: tuple[str, ...], config_name: str) -> dict[str, Any]
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name, overrides=list(groups))
         return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
     except Exception:  # noqa: BLE001 - Hydra reports it itself when the entry composes
@@ -50,7 +51,7 @@ def _compose_groups(groups: tuple[str, ...], config_name: str) -> dict[str, Any]
         GlobalHydra.instance().clear()
 
 
-def _keys(config: dict[str, Any]) -> dict[str, Any]:
+def dotted_keys(config: dict[str, Any]) -> dict[str, Any]:
     """Every dotted key of a nested config with its value."""
     found: dict[str, Any] = {}
 
@@ -73,7 +74,7 @@ def near_keys(overrides: list[str], config_name: str, limit: int = 3) -> dict[st
     config = _compose(overrides, config_name)
     if config is None:
         return {}
-    keys = list(_keys(config))
+    keys = list(dotted_keys(config))
     known = set(keys)
     found: dict[str, list[str]] = {}
     for override in overrides:
@@ -108,10 +109,13 @@ def prepare_overrides(overrides: list[str], config_name: str) -> list[str]:
       without ``sampler=<name>`` changes the checkpoint's own sampler (it becomes ``+sampler.<key>=...``, merged over
       it by :meth:`~diffusion_lightning.models.DiffusionModel.sampler_spec`).
     """
+    groups = set(_group_overrides(overrides))
+    if all(o in groups or "=" not in o or o.startswith(("+", "~", "hydra")) for o in overrides):
+        return overrides  # only group choices and new keys (make train): nothing to check, no second composition
     config = _compose(overrides, config_name)
     if config is None:
         return overrides
-    keys = _keys(config)
+    keys = dotted_keys(config)
     own_sampler = "sampler" not in keys and not any(o.startswith("sampler=") for o in overrides)
     out = []
     for override in overrides:

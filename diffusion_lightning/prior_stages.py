@@ -16,9 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .errors import UserError
+from .errors import CONF_DIR, UserError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Written into a run folder when training ran to its end: the run's last checkpoint and what it was trained on.
 FINISHED = "finished.json"
 #: The run-config keys that name a prior run; each is also the model's component slot whose ``path`` takes its
