@@ -82,7 +82,7 @@ feature-net: install
 	$(PY) -m diffusion_lightning.metrics.train_classifier --out diffusion_lightning/metrics/assets/fmnist_classifier.pt --epochs 5
 
 lint: install
-	$(PY) -m ruff check diffusion_lightning tests
+	$(PY) -m ruff check diffusion_lightning tests experiments scripts
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -4,8 +4,8 @@ import os
 
 # OpenMP threads (torch's CPU kernels; GNU libgomp) spin 300,000 iterations at each barrier before they sleep. When
 # another busy process shares the cores the spinning threads take its time slices and both collapse; 3,000 spins
-# keep most of the throughput under that contention for a few percent alone (docs/results.md, "two processes on the
-# 2 cores").
+# keep most of the throughput under that contention for a few percent alone (docs/results/speed.md, "two processes on
+# the 2 cores").
 # Effective where this package is imported before torch (the entry points); set GOMP_SPINCOUNT yourself to override.
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 

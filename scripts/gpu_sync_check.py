@@ -1,6 +1,7 @@
 """On a CUDA GPU: train a model under ``torch.cuda.set_sync_debug_mode("warn")`` and count the synchronising CUDA
-operations inside non-logging training steps (the framework promises none; ``tests/system/test_speed.py`` checks the same on
-the CPU by watching host reads). Usage: ``python scripts/gpu_sync_check.py [default|cifar] [--out FILE]``."""
+operations inside non-logging training steps (the framework promises none; ``tests/system/test_speed.py`` checks the
+same on the CPU by watching host reads). Usage:
+``python scripts/gpu_sync_check.py [EXPERIMENT (default ddpm_fmnist)] [--out FILE]``."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion_lightning import bench
-from diffusion_lightning.callbacks import EMA, ProgressBar
+from diffusion_lightning.bench.recipes import build, ema_callbacks, gradient_clip, random_batches
+from diffusion_lightning.callbacks import ProgressBar
 
 
 class SyncWatch(L.Callback):
@@ -49,22 +49,19 @@ class SyncWatch(L.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("model", nargs="?", default="default")
+    parser.add_argument("model", nargs="?", default="ddpm_fmnist")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    opts = argparse.Namespace(channels_last=True, compile=True)
-    model = bench.build_model(args.model, opts)
-    cfg = bench.model_config(args.model)
-    x = bench._random_images(args.model, 8 * 128)
-    loader = DataLoader(TensorDataset(x, torch.zeros(len(x)).long()), batch_size=128, shuffle=True, pin_memory=True)
+    model = build(args.model, channels_last=True, compile=True)
+    loader = random_batches(model, 128, args.steps, pin_memory=True)
     watch = SyncWatch(skip=5)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
             accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=args.steps, log_every_n_steps=10,
-            gradient_clip_val=cfg.trainer.gradient_clip_val, logger=TensorBoardLogger(tmp), enable_checkpointing=False,
+            gradient_clip_val=gradient_clip(args.model), logger=TensorBoardLogger(tmp), enable_checkpointing=False,
             limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp,
-            callbacks=[EMA(decay=cfg.callbacks.ema.decay), ProgressBar(), watch],
+            callbacks=[*ema_callbacks(args.model), ProgressBar(), watch],
         )
         try:
             trainer.fit(model, train_dataloaders=loader)

@@ -4,6 +4,7 @@ PatchGAN discriminator with the hinge loss and the adaptive weight of Esser et a
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from diffusion_lightning.nets.autoencoder import (
 )
 
 from .base import OptimizerFactory, RunModule
+from .first_stage import LatentSpace
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,10 @@ class Autoencoder(RunModule):
     def decode(self, z: Tensor) -> Tensor:
         """Images (about [-1, 1]) from latents z."""
         return self.net.decode(z)
+
+    def latent_space(self, scale_factor: float | None = None, scale_batches: int = 16) -> LatentSpace:
+        """A frozen copy of this autoencoder as a latent recipe's first stage (:class:`~.first_stage.LatentSpace`)."""
+        return LatentSpace(copy.deepcopy(self.net), scale_factor, scale_batches)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:

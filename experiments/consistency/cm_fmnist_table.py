@@ -31,6 +31,6 @@ for (ckpt, sampler, steps), rs in sorted(rows.items(), key=lambda kv: (order.get
     sd = f" ± {statistics.stdev(fids):.2f}" if len(fids) > 1 else ""
     exp = rs[0]["experiment"]
     who = {"ect_fmnist": "ECT", "cd_fmnist": "CD", "ict_fmnist": "iCT (scratch)"}.get(exp, "teacher")
-    wall = training(ckpt) if who != "teacher" else "its own run (docs/results.md, issue 16)"
+    wall = training(ckpt) if who != "teacher" else "its own run (docs/results/distillation.md)"
     print(f"| {who} | {exp} | {sampler} | {steps} | {statistics.mean(fids):.2f}{sd} | {len(fids)} | "
           f"{rs[0]['global_step']} | {wall} |")

@@ -8,9 +8,9 @@ py=${PY:-.venv/bin/python}
 one() {  # images/s of one plain-loop measurement
   $py -c "
 import argparse
-from diffusion_lightning import bench
+from diffusion_lightning.bench.training import plain_throughput
 o = argparse.Namespace(device='cpu', precision='32-true', compile=False, channels_last=False)
-print(round(bench.plain_throughput('default', o, 64, $steps, 3), 2))"
+print(round(plain_throughput('ddpm_fmnist', o, 64, $steps, 3), 2))"
 }
 for r in $(seq "$rounds"); do
   for setting in GOMP_SPINCOUNT=300000 GOMP_SPINCOUNT=3000 OMP_WAIT_POLICY=PASSIVE; do

@@ -11,10 +11,8 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
-from diffusion_lightning.bench_diffusers import (  # noqa: E402
-    diffusers_train_throughput,
-    reference_net,
-)
+from diffusion_lightning.bench.diffusers import diffusers_train_throughput  # noqa: E402
+from diffusion_lightning.bench.recipes import net_config  # noqa: E402
 from diffusion_lightning.interop.diffusers import diffusers_unet  # noqa: E402
 from diffusion_lightning.nets import UNet  # noqa: E402
 
@@ -38,7 +36,7 @@ def ours(net: dict[str, Any]) -> int:
                          ids=["fmnist-default", "ddpm-cifar10"])
 def test_parameter_counts_match_exactly(experiment: str, expected: int) -> None:
     # The layouts (from conf/) agree block for block, so the counts are equal (not merely within 0.5%).
-    net = reference_net(experiment)
+    net = net_config(experiment)
     assert ours(net) == expected
     assert count(diffusers_unet(net)) == expected
 

@@ -69,11 +69,18 @@ def test_diffusion_imports_no_lightning_nor_hydra(path):
     assert not bad, f"{path.name} imports {sorted(bad)}"
 
 
+def entry_files(entry: str) -> list[Path]:
+    """An entry point's module, or every module of an entry-point package (the benchmark)."""
+    path = PACKAGE / f"{entry}.py"
+    return [path] if path.is_file() else sorted((PACKAGE / entry).glob("*.py"))
+
+
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_entry_points_do_not_import_each_other(entry):
     others = {f"diffusion_lightning.{e}" for e in ENTRY_POINTS if e != entry}
-    imported = imported_modules(PACKAGE / f"{entry}.py")
-    assert not imported & others, f"{entry}.py imports {sorted(imported & others)}"
+    for path in entry_files(entry):
+        bad = {m for m in imported_modules(path) for o in others if m == o or m.startswith(f"{o}.")}
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
 
 
 @pytest.mark.parametrize(
@@ -100,8 +107,9 @@ def test_recipes_import_neither_hydra_nor_the_checkpoint_loader(path):
     assert not bad, f"models/{path.name} imports {sorted(bad)}"
 
 
-# The entry points' own code: the four entry points and the modules train.py was split into.
-ENTRY_CODE = ["train", "sample", "evaluate", "report", "prior_stages", "run_folder", "launcher", "utils/__init__"]
+# The entry points' own code: the entry points, the modules train.py was split into and the benchmark package.
+ENTRY_CODE = ["train", "sample", "evaluate", "report", "prior_stages", "run_folder", "launcher", "utils/__init__",
+              *(f"bench/{p.stem}" for p in sorted((PACKAGE / "bench").glob("*.py")))]  # fmt: skip
 
 
 @pytest.mark.parametrize("entry", ENTRY_CODE)

@@ -105,7 +105,7 @@ def test_bad_num_groups() -> None:
 def test_one_channel_groups_would_erase_the_time_embedding() -> None:
     """Why the U-Net warns on one channel per GroupNorm group with the additive embedding: the ResBlock's
     out_norm(h + emb) then removes every channel's mean, emb included, so its output ignores t (this once
-    left a 32-channel Fashion-MNIST model's learned variance flat in t; docs/results.md)."""
+    left a 32-channel Fashion-MNIST model's learned variance flat in t; docs/results/improved_ddpm.md)."""
     torch.manual_seed(0)
     block = perturb_(ResBlock(8, 8, emb_ch=16, dropout=0.0, num_groups=8)).eval()
     x, e1, e2 = torch.randn(2, 8, 8, 8), torch.randn(2, 16), torch.randn(2, 16)

@@ -1,6 +1,6 @@
 """The diffusers side of the training-throughput benchmark: our U-Net's layout built as diffusers' ``UNet2DModel``
 (:func:`~diffusion_lightning.interop.diffusers.diffusers_unet`), trained with the recipe of diffusers'
-``examples/unconditional_image_generation/train_unconditional.py``. ``python -m diffusion_lightning.bench_diffusers``
+``examples/unconditional_image_generation/train_unconditional.py``. ``python -m diffusion_lightning.bench.diffusers``
 prints both parameter counts of the two reference layouts (identical).
 """
 
@@ -14,30 +14,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .interop.diffusers import diffusers_unet, import_diffusers
+from ..interop.diffusers import diffusers_unet, import_diffusers
+from ..utils import synchronize
+from .recipes import net_config
 
 #: The two layouts whose parameter counts are checked (tests/system/test_bench_diffusers.py and ``__main__``): the
 #: default's small U-Net and the DDPM paper's 35.7M CIFAR-10 U-Net.
 REFERENCE_EXPERIMENTS = ("ddpm_fmnist", "ddpm_cifar")
-
-
-def reference_net(experiment: str) -> dict[str, Any]:
-    """The U-Net keyword arguments of ``experiment`` (its ``model.net``, composed from conf/ as training does)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from .errors import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=[f"experiment={experiment}"])
-    finally:
-        GlobalHydra.instance().clear()
-    net = OmegaConf.to_container(cfg.model.net, resolve=True)
-    net.pop("_target_", None)
-    return net
 
 
 def diffusers_train_throughput(
@@ -57,8 +40,6 @@ def diffusers_train_throughput(
     diffusers = import_diffusers()
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-
-    from .utils import synchronize
 
     if precision in ("32", "32-true"):
         dtype = torch.float32
@@ -130,7 +111,7 @@ def _param_counts() -> None:
     from diffusion_lightning.nets import UNet
 
     for name in REFERENCE_EXPERIMENTS:
-        net = reference_net(name)
+        net = net_config(name)
         ours = sum(p.numel() for p in UNet(**net).parameters())
         theirs = sum(p.numel() for p in diffusers_unet(net).parameters())
         print(f"{name:15s} ours {ours:>11,d}  diffusers {theirs:>11,d}  diff {theirs - ours:+,d}")
