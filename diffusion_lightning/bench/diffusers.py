@@ -107,13 +107,12 @@ def diffusers_train_throughput(
 
 
 def _param_counts() -> None:
-    """Print ours vs diffusers' parameter count for the two reference layouts."""
-    from diffusion_lightning.nets import UNet
+    """Print ours (the recipe as training builds it) vs diffusers' parameter count for the two reference layouts."""
+    from .recipes import build
 
     for name in REFERENCE_EXPERIMENTS:
-        net = net_config(name)
-        ours = sum(p.numel() for p in UNet(**net).parameters())
-        theirs = sum(p.numel() for p in diffusers_unet(net).parameters())
+        ours = sum(p.numel() for p in build(name).parameters())
+        theirs = sum(p.numel() for p in diffusers_unet(net_config(name)).parameters())
         print(f"{name:15s} ours {ours:>11,d}  diffusers {theirs:>11,d}  diff {theirs - ours:+,d}")
 
 

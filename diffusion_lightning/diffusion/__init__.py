@@ -11,11 +11,12 @@ from .denoisers import (
     Guided,
     dynamic_threshold,
 )
+from .flow import FlowDenoiser
 from .gaussian import GaussianDiffusion, ModelPrediction
 from .grids import karras_sigmas, sampling_sigmas, timestep_sigmas, uniform_t_sigmas
 from .importance import LossSecondMomentResampler, UniformSampler
 from .losses import l_simple, mean_flat
-from .samplers import consistency_sample, ddim_sample, ddpm_sample, dpmpp_2m_sample, heun_sample
+from .samplers import consistency_sample, ddim_sample, ddpm_sample, dpmpp_2m_sample, euler_sample, heun_sample
 from .sampling import SAMPLERS, SampleOutput, documented_nfe, sample
 from .schedules import (
     CosineSchedule,
@@ -44,6 +45,7 @@ __all__ = [
     "Denoiser",
     "DiscreteVPDenoiser",
     "EDMPrecond",
+    "FlowDenoiser",
     "GaussianDiffusion",
     "Guided",
     "LossSecondMomentResampler",
@@ -60,6 +62,7 @@ __all__ = [
     "documented_nfe",
     "dpmpp_2m_sample",
     "dynamic_threshold",
+    "euler_sample",
     "get_beta_schedule",
     "heun_sample",
     "hybrid_loss",

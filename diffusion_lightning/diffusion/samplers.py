@@ -70,6 +70,20 @@ def ddim_sample(
 
 
 @torch.no_grad()
+def euler_sample(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, eq. 3): DDIM at eta = 0,
+    under the name flow-matching users know (on a flow model it is Euler on dx_t/dt = v, :mod:`.flow`)."""
+    return ddim_sample(denoiser, x, sigmas, eta=0.0, generator=generator, progress=progress)
+
+
+@torch.no_grad()
 def ddpm_sample(
     denoiser: Denoiser,
     x: Tensor,

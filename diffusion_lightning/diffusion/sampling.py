@@ -17,11 +17,20 @@ from torch import Tensor
 from .conditioning import Cond
 from .denoisers import Clipped, Conditioned, Counted, Denoiser
 from .grids import sampling_sigmas
-from .samplers import Progress, consistency_sample, ddim_sample, ddpm_sample, dpmpp_2m_sample, heun_sample
+from .samplers import (
+    Progress,
+    consistency_sample,
+    ddim_sample,
+    ddpm_sample,
+    dpmpp_2m_sample,
+    euler_sample,
+    heun_sample,
+)
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
+    "euler": euler_sample,
     "dpmpp": dpmpp_2m_sample,
     "heun": heun_sample,
     "consistency": consistency_sample,

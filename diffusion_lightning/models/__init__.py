@@ -9,8 +9,10 @@ from .continuous_diffusion import ContinuousDiffusion
 from .ddpm import DDPM
 from .edm import EDM
 from .first_stage import LatentSpace, PixelSpace
+from .flow_matching import FlowMatching
 from .improved_ddpm import ImprovedDDPM
 from .progressive_distillation import ProgressiveDistillation
+from .reflow import Reflow
 
 __all__ = [
     "DDPM",
@@ -21,8 +23,10 @@ __all__ = [
     "ContinuousDiffusion",
     "DiffusionModel",
     "EDM",
+    "FlowMatching",
     "ImprovedDDPM",
     "LatentSpace",
     "PixelSpace",
     "ProgressiveDistillation",
+    "Reflow",
 ]

@@ -84,7 +84,9 @@ def _losses(run: Path) -> dict[int, float]:
     ["model=iddpm", "model.net.out_channels=2", "model.loss_type=vlb", "model.num_timesteps=50"],
     ["experiment=ict_fmnist", "model.s0=2", "model.s1=8"],  # iCT: lognormal level pairs (multinomial)
     ["model=vdiff"],  # continuous time: t ~ U[0, 1] (rand, float64)
-], ids=["ddpm", "iddpm-vlb", "ict", "vdiff"])  # fmt: skip
+    # flow matching with OT pairing: logit-normal t (randn), the assignment solved on the gathered global batch
+    ["model=fm", "model.coupling=ot", "sampler=euler"],
+], ids=["ddpm", "iddpm-vlb", "ict", "vdiff", "fm-ot"])  # fmt: skip
 def test_two_ranks_train_as_one_process_with_the_global_batch(image_folder, tmp_path, recipe):
     one = _train(tmp_path, image_folder, "one", "data.batch_size=4", *recipe)
     two = _train(tmp_path, image_folder, "two", "data.batch_size=2", "trainer=ddp", "trainer.accelerator=cpu",
