@@ -150,7 +150,7 @@ def test_registered():
     from diffusion_lightning.diffusion import dpmpp_2m_sample, heun_sample, sample
 
     assert SAMPLERS["dpmpp"] is dpmpp_2m_sample and SAMPLERS["heun"] is heun_sample
-    with pytest.raises(ValueError, match="unknown sampler 'dpm'; available: consistency, ddim, ddpm, dpmpp, heun"):
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'; available: consistency, ddim, ddpm, dpmpp, euler, heun"):
         sample(None, None, "dpm")
 
 
