@@ -17,8 +17,10 @@ train_run() {  # train_run NAME OVERRIDES...: trains into outputs/train/NAME/<ti
     || { tail -n 20 "$out/train_$name.log" >&2; exit 1; }
 }
 names=(); args=()
-for m in $ms; do names+=("fm_m$m"); args+=("experiment=fm_fmnist model.logit_mean=$m"); done
-names+=(fm_uniform); args+=("experiment=fm_fmnist model.time_density=uniform")
+for m in $ms; do  # uniform t trains second, beside the first m
+  names+=("fm_m$m"); args+=("experiment=fm_fmnist model.logit_mean=$m")
+  if [ ${#names[@]} = 1 ]; then names+=(fm_uniform); args+=("experiment=fm_fmnist model.time_density=uniform"); fi
+done
 [ -z "${DDPM:-}" ] && { names+=(ddpm); args+=("experiment=ddpm_fmnist"); }
 for i in "${!names[@]}"; do  # two at a time
   if ! ls -d outputs/train/"${names[$i]}"/*/checkpoints/last.ckpt > /dev/null 2>&1; then
