@@ -107,8 +107,14 @@ def prepare_overrides(overrides: list[str], config_name: str) -> list[str]:
       :class:`UserError` naming the key, instead of a ``TypeError`` from deep inside the object it configures;
     * where the config has no ``sampler`` (``sample``, ``evaluate``: the checkpoint's own), ``sampler.<key>=...``
       without ``sampler=<name>`` changes the checkpoint's own sampler (it becomes ``+sampler.<key>=...``, merged over
-      it by :meth:`~diffusion_lightning.models.DiffusionModel.sampler_spec`).
+      it by :meth:`~diffusion_lightning.models.DiffusionModel.sampler_spec`); beside a sweep over samplers
+      (``sampler=ddim,dpmpp``) it becomes ``++sampler.<key>=...``.
     """
+    if any(o.startswith("sampler=") and _is_sweep(o.partition("=")[2]) for o in overrides):
+        # a multirun over samplers (evaluate -m sampler=ddim,dpmpp sampler.steps=10,20): Hydra composes the sweep's
+        # primary config without the swept group, where sample's and evaluate's config has no sampler, so the
+        # sampler's keys must be forced in (each job then merges them over its sampler)
+        overrides = [f"++{o}" if o.startswith("sampler.") else o for o in overrides]
     groups = set(_group_overrides(overrides))
     if all(o in groups or "=" not in o or o.startswith(("+", "~", "hydra")) for o in overrides):
         return overrides  # only group choices and new keys (make train): nothing to check, no second composition

@@ -158,6 +158,10 @@ def test_the_command_line_is_checked_before_hydra_composes():
     # the checkpoint's own sampler, changed by a key: sample and evaluate have no sampler unless one is chosen
     assert prepare_overrides(["ckpt=a", "sampler.steps=8"], "sample") == ["ckpt=a", "+sampler.steps=8"]
     assert prepare_overrides(["ckpt=a", "sampler.steps=4,8"], "evaluate") == ["ckpt=a", "+sampler.steps=4,8"]
+    # a sweep over samplers: Hydra composes the multirun's primary config without the swept group, so its keys are
+    # forced in (a single value, sampler.steps=5, failed there with "Could not override 'sampler.steps'")
+    assert prepare_overrides(["-m", "ckpt=a", "sampler=ddim,dpmpp", "sampler.steps=5"], "evaluate") == [
+        "-m", "ckpt=a", "sampler=ddim,dpmpp", "++sampler.steps=5"]  # fmt: skip
     assert prepare_overrides(["ckpt=a", "sampler=heun", "sampler.steps=8"], "evaluate")[-1] == "sampler.steps=8"
     assert prepare_overrides(["sampler.steps=8"], "train") == ["sampler.steps=8"]
 

@@ -187,12 +187,14 @@ def test_nll_variance_override_and_clip(compose_train, checkpoint, tmp_path):
 
 def test_hydra_sweep_writes_one_line_per_job(checkpoint, tmp_path):
     """A sweep over samplers and step counts: one line per job, each with the NFE counted from the denoiser calls,
-    equal to the sampler's documented cost on the grid it ran (Heun: 2N - 1 on the Karras grid, others N)."""
+    equal to the sampler's documented cost on the grid it ran (Heun: 2N - 1 on the Karras grid, others N). A
+    single-valued sampler key beside the swept group (``sampler.clip_denoised=true``) is merged into every job."""
     results = tmp_path / "sweep.jsonl"
     env = {**os.environ, "DIFFUSION_LIGHTNING_OFFLINE": "1", REFERENCE_DIR_ENV_VAR: str(tmp_path / "ref")}
     args = [
         "-m", f"ckpt={checkpoint}", "metric=fid", "extractor=fmnist-classifier", "sampler=ddim,dpmpp,heun,ddpm",
-        "sampler.steps=2,3", "num_samples=16", "batch_size=16", "reference_images=32", "kid_subset_size=16",
+        "sampler.steps=2,3", "sampler.clip_denoised=true", "num_samples=16", "batch_size=16", "reference_images=32",
+        "kid_subset_size=16",
         f"results={results}", f"paths.data_dir={ROOT / 'data'}",
     ]  # fmt: skip
     proc = subprocess.run(  # run from tmp_path: the sweep folder is resolved from the working directory

@@ -150,7 +150,8 @@ def test_registered():
     from diffusion_lightning.diffusion import dpmpp_2m_sample, heun_sample, sample
 
     assert SAMPLERS["dpmpp"] is dpmpp_2m_sample and SAMPLERS["heun"] is heun_sample
-    with pytest.raises(ValueError, match="unknown sampler 'dpm'; available: consistency, ddim, ddpm, dpmpp, euler, heun"):
+    available = "consistency, ddim, ddpm, dpmpp, euler, heun"
+    with pytest.raises(ValueError, match=f"unknown sampler 'dpm'; available: {available}"):
         sample(None, None, "dpm")
 
 
