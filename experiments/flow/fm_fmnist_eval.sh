@@ -35,6 +35,7 @@ fid=(metric=fid extractor=fmnist-classifier "num_samples=$n" "results=$out/resul
 ev() { $py -m diffusion_lightning.evaluate -m "${fid[@]}" "$@" 2>&1 | grep -E "\"fid\"|Error|error" || true; }
 fm_ckpts=$(for m in $ms; do echo -n "$(run "fm_m$m")/checkpoints/last.ckpt,"; done; echo "$(run fm_uniform)/checkpoints/last.ckpt")
 ev "ckpt=$fm_ckpts" sampler=euler "sampler.steps=$(csv $nfes)" "seed=$(csv $seeds)" &
+sleep 2  # two multiruns started within one second would share Hydra's sweep folder (named to the second)
 ev "ckpt=$(run ddpm)/checkpoints/last.ckpt" sampler=ddim,dpmpp "sampler.steps=$(csv $nfes)" "seed=$(csv $seeds)"
 wait
 for name in "${names[@]}" ddpm; do
