@@ -128,9 +128,10 @@ class Reflow(FlowMatching):
         strategy = self.trainer.strategy if self._trainer is not None else None
         if not self.pairs_path.is_file() and (strategy is None or strategy.is_global_zero):
             log.info(f"reflow: generating {self.num_pairs} pairs with the teacher into {self.pairs_path}")
+            every = max(1, self.num_pairs // (10 * self.pair_batch)) * self.pair_batch  # about ten progress lines
             with self.teacher.eval_mode():
                 pairs = self.make_pairs(lambda n: log.info(f"reflow pairs: {n}/{self.num_pairs}")
-                                        if n % (10 * self.pair_batch) == 0 else None)  # fmt: skip
+                                        if n % every == 0 or n == self.num_pairs else None)  # fmt: skip
             self.pairs_path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.pairs_path.with_suffix(".partial")
             torch.save(pairs, partial)
