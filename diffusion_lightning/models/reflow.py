@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffusion_lightning.diffusion import sample
 from diffusion_lightning.diffusion.conditioning import drop_condition
@@ -19,11 +19,12 @@ from diffusion_lightning.errors import UserError
 
 from .base import weighted_mean
 from .flow_matching import FlowMatching
+from .student import InTeachersSpace
 
 log = logging.getLogger(__name__)
 
 
-class Reflow(FlowMatching):
+class Reflow(InTeachersSpace, FlowMatching):
     """Flow matching on the coupling of a trained flow model (the teacher, frozen): ``num_pairs`` noises eps_i (and,
     for a class-conditional teacher, labels y_i) drawn from ``pair_seed``, each mapped by the teacher's own sampler to
     x0_i; the student (a copy of the teacher's network) is trained on ||v_hat(x_t, t) - (eps_i - x0_i)||^2 at
@@ -43,8 +44,6 @@ class Reflow(FlowMatching):
         **kwargs: the :class:`~.flow_matching.FlowMatching` arguments (time density, sampler, optimiser, ...); the
             prediction type and condition dropout are the teacher's.
     """
-
-    owns_components = False  # the teacher's first stage and conditioner
 
     def __init__(
         self,
@@ -76,28 +75,6 @@ class Reflow(FlowMatching):
         self.pair_sampler = dict(pair_sampler) if pair_sampler else None
         self.pairs: dict[str, Tensor] | None = None
         self.net.train()  # the copy came from an eval-mode teacher
-
-    # ------------------------------------------------------------------ the teacher's space and conditions
-    @property
-    def first_stage(self) -> nn.Module:  # type: ignore[override]
-        return self.teacher.first_stage
-
-    @property
-    def conditioner(self) -> nn.Module:  # type: ignore[override]
-        return self.teacher.conditioner
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.teacher.image_shape
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.teacher.sample_shape
-
-    def train(self, mode: bool = True) -> Reflow:
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     # ------------------------------------------------------------------ the pairs
     @torch.no_grad()

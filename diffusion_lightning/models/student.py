@@ -18,7 +18,36 @@ from diffusion_lightning.errors import UserError
 from .base import DiffusionModel
 
 
-class StudentModel(DiffusionModel):
+class InTeachersSpace:
+    """For a recipe that holds a frozen ``teacher`` model: its images, conditions and first stage are the teacher's
+    (registered once, under the teacher), and the teacher stays in eval mode while the recipe trains."""
+
+    owns_components = False  # the teacher's first stage and conditioner (properties below), not registered twice
+    teacher: DiffusionModel
+
+    @property
+    def first_stage(self) -> nn.Module:  # type: ignore[override]
+        return self.teacher.first_stage
+
+    @property
+    def conditioner(self) -> nn.Module:  # type: ignore[override]
+        return self.teacher.conditioner
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.teacher.image_shape
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.teacher.sample_shape
+
+    def train(self, mode: bool = True) -> InTeachersSpace:
+        super().train(mode)  # type: ignore[misc]
+        self.teacher.eval()
+        return self
+
+
+class StudentModel(InTeachersSpace, DiffusionModel):
     """A recipe whose network starts as a copy of a frozen teacher's (any variance-preserving model of the framework:
     DDPM, improved DDPM, latent diffusion, continuous-time ``vdiff_*`` or a distilled one).
 
@@ -35,8 +64,6 @@ class StudentModel(DiffusionModel):
         recipe: the recipe's name and its experiments' prefix, for the error when no teacher is given.
         **kwargs: the :class:`~.base.DiffusionModel` arguments (sampler, optimiser, speed options).
     """
-
-    owns_components = False  # the teacher's first stage and conditioner (properties below), not registered twice
 
     def __init__(
         self,
@@ -74,23 +101,6 @@ class StudentModel(DiffusionModel):
         # the copy came from an eval-mode teacher, and Lightning keeps the mode a module starts fit in: the student's
         # dropout would never be active
         self.net.train()
-
-    # ------------------------------------------------------------------ the teacher's space and conditions
-    @property
-    def first_stage(self) -> nn.Module:  # type: ignore[override]
-        return self.teacher.first_stage
-
-    @property
-    def conditioner(self) -> nn.Module:  # type: ignore[override]
-        return self.teacher.conditioner
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.teacher.image_shape
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.teacher.sample_shape
 
     def vp_denoiser(self, net: nn.Module, prediction_type: PredictionType) -> ContinuousVPDenoiser:
         """``net`` (the student or a copy of it) through the denoiser contract on the teacher's time; a learned-variance
