@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import CONF_DIR
-from ..models import Autoencoder, DiffusionModel
+from ..models import Autoencoder
 from ..models.run_module import RunModule
 
 
@@ -111,8 +111,7 @@ def describe(spec: str, model: RunModule) -> dict[str, Any]:
     """What a row of the tables says about a recipe: its experiment, recipe class, trainable and frozen parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"experiment": spec, "recipe": type(model).__name__, "params": trainable, "frozen_params": frozen,
-            "samples": isinstance(model, DiffusionModel)}
+    return {"experiment": spec, "recipe": type(model).__name__, "params": trainable, "frozen_params": frozen}
 
 
 def ema_callbacks(spec: str) -> list[Any]:
